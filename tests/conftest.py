@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Iterator
 
 import pytest
-
 from fakesysfs import fake_sysfs  # noqa: F401  (fixture)
 from netlab import Netns
 

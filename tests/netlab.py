@@ -59,7 +59,7 @@ class Netns:
     def close(self) -> None:
         ip("netns", "del", self.name, check=False)
 
-    def __enter__(self) -> "Netns":
+    def __enter__(self) -> Netns:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,3 +1,3 @@
-"""virtcore: the shared library of the virtdp tools (discovery, pools, netns plumbing, kubelet APIs)."""
+"""virtcore: the library under the virtdp tools (discovery, pools, netns plumbing, kubelet APIs)."""
 
 __version__ = "0.1.0"
