@@ -127,6 +127,26 @@ class FakeSysfs:
         _write(ndir / "address", "52:54:00:ff:ff:ff")
         _symlink(self.root / "class/net" / ifname, ndir)
 
+    def add_pci_bridge(
+        self,
+        pci_address: str,
+        *,
+        parents: Iterable[str] = ("pci0000:00",),
+        vendor: str = "0x8086",
+        device: str = "0x29c0",
+        pci_class: str = "0x060400",
+    ) -> Path:
+        """A PCI-to-PCI bridge or PCIe root port (class 0x0604) as its own PCI function, so the
+        functions behind it sit one path level further down. Returns its directory."""
+        fdir = self.root / "devices" / Path(*parents) / pci_address
+        _write(fdir / "vendor", vendor)
+        _write(fdir / "device", device)
+        _write(fdir / "class", pci_class)
+        _write(fdir / "numa_node", "-1")
+        _symlink(fdir / "driver", self.root / "bus/pci/drivers/pcieport")
+        _symlink(self.root / "bus/pci/devices" / pci_address, fdir)
+        return fdir
+
     def add_virtual_netdev(self, ifname: str) -> None:
         ndir = self.root / "devices/virtual/net" / ifname
         ndir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +168,18 @@ class FakeSysfs:
             if link.is_symlink():
                 link.unlink()
             shutil.rmtree(ndir)
+
+    def rename_netdev(self, pci_address: str, ifname: str) -> None:
+        """The NIC's netdev now has another name (e.g. the kernel's `devN` after a namespace
+        died with the NIC inside and the old name was taken)."""
+        vdir = self._virtio_dir(pci_address)
+        old = next((vdir / "net").glob("*"), None)
+        mac, mtu = "52:54:00:00:00:01", 1500
+        if old is not None:
+            mac = (old / "address").read_text().strip()
+            mtu = int((old / "mtu").read_text().strip())
+        self.move_netdev_away(pci_address)
+        self.add_netdev(pci_address, ifname, mac=mac, mtu=mtu)
 
     def unbind_driver(self, pci_address: str) -> None:
         """virtio_net unbound: the virtio device stays, its driver link and netdev go."""

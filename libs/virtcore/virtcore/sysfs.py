@@ -143,7 +143,13 @@ def read_function(sysfs_root: str, pci_address: str) -> VirtioNic:
 
 def _owning_function(path: str) -> Optional[str]:
     """The PCI address of the function that owns the virtio device at `path` (its parent)."""
-    parent = os.path.basename(os.path.dirname(os.path.realpath(path)))
+    try:
+        # The bus link's own target names the parent: one readlink instead of resolving the
+        # whole (deep, behind root ports) path component by component.
+        target = os.readlink(path)
+    except OSError:
+        target = os.path.realpath(path)
+    parent = os.path.basename(os.path.dirname(target.rstrip("/")))
     return pci.normalize(parent) if pci.is_pci_address(parent) else None
 
 

@@ -1,0 +1,302 @@
+"""deployments/: every manifest parses, has what Kubernetes requires for its kind, and the
+manifests agree with each other, with the pool config code and with the Containerfile."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Tuple
+
+import pytest
+import yaml
+
+from virtcore import pools
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+NAMESPACED = {"DaemonSet", "ConfigMap", "Pod", "NetworkAttachmentDefinition", "PodMonitor"}
+API_VERSIONS = {
+    "DaemonSet": "apps/v1",
+    "ConfigMap": "v1",
+    "Pod": "v1",
+    "NetworkAttachmentDefinition": "k8s.cni.cncf.io/v1",
+    "PodMonitor": "monitoring.coreos.com/v1",
+    "Kustomization": "kustomize.config.k8s.io/v1beta1",
+}
+TOOLS = ("virtdp-serve", "virtdp-inspect", "virtdp-discover", "ehost-device")
+RESOURCE_ANNOTATION = "k8s.v1.cni.cncf.io/resourceName"
+NETWORKS_ANNOTATION = "k8s.v1.cni.cncf.io/networks"
+
+Doc = Dict[str, Any]
+
+
+def manifests(deployments: Path) -> Iterator[Tuple[Path, Doc]]:
+    for path in sorted(deployments.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is not None:
+                yield path, doc
+
+
+def by_kind(deployments: Path, kind: str) -> List[Doc]:
+    return [d for _, d in manifests(deployments) if d.get("kind") == kind]
+
+
+def one(deployments: Path, kind: str, name: str) -> Doc:
+    found = [d for d in by_kind(deployments, kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name!r} in deployments/, found {len(found)}"
+    return found[0]
+
+
+def check_pod_spec(spec: Doc, where: str) -> None:
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    assert len(volumes) == len(spec.get("volumes", [])), f"{where}: duplicate volume names"
+    for v in volumes.values():
+        sources = set(v) - {"name"}
+        assert len(sources) == 1, f"{where}: volume {v['name']} needs exactly one source"
+        assert DNS_LABEL.match(v["name"]), f"{where}: volume name {v['name']!r}"
+    containers = spec.get("initContainers", []) + spec["containers"]
+    assert spec["containers"], f"{where}: spec.containers is empty"
+    names = [c["name"] for c in containers]
+    assert len(set(names)) == len(names), f"{where}: duplicate container names {names}"
+    for c in containers:
+        cw = f"{where} container {c['name']}"
+        assert DNS_LABEL.match(c["name"]), cw
+        assert isinstance(c.get("image"), str) and c["image"], f"{cw}: image is required"
+        for key in ("command", "args"):
+            assert all(isinstance(a, str) for a in c.get(key, [])), f"{cw}: {key} must be strings"
+        mounts = c.get("volumeMounts", [])
+        paths = [m["mountPath"] for m in mounts]
+        assert len(set(paths)) == len(paths), f"{cw}: duplicate mountPath"
+        for m in mounts:
+            assert m["name"] in volumes, f"{cw}: mount of undeclared volume {m['name']!r}"
+            assert m["mountPath"].startswith("/"), f"{cw}: mountPath must be absolute"
+        ports = {p["name"]: p for p in c.get("ports", [])}
+        for p in ports.values():
+            assert len(p["name"]) <= 15 and DNS_LABEL.match(p["name"]), f"{cw}: port name"
+            assert 0 < p["containerPort"] < 65536
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            if probe in c:
+                port = c[probe]["httpGet"]["port"]
+                assert port in ports or isinstance(port, int), f"{cw}: {probe} port {port!r}"
+        res = c.get("resources", {})
+        for key, req in res.get("requests", {}).items():
+            if "/" in key:  # extended resources: Kubernetes wants requests == limits
+                assert res.get("limits", {}).get(key) == req, f"{cw}: {key} requests != limits"
+
+
+def test_every_manifest_has_what_its_kind_requires(deployments: Path) -> None:
+    kinds = []
+    for path, doc in manifests(deployments):
+        where = f"{path.relative_to(deployments)} ({doc.get('kind')})"
+        kind = doc.get("kind")
+        assert kind in API_VERSIONS, f"{where}: unexpected kind"
+        assert doc.get("apiVersion") == API_VERSIONS[kind], f"{where}: apiVersion"
+        kinds.append(kind)
+        if kind == "Kustomization":
+            continue
+        meta = doc["metadata"]
+        assert DNS_SUBDOMAIN.match(meta["name"]) and len(meta["name"]) <= 253, where
+        if kind in NAMESPACED:
+            assert DNS_LABEL.match(meta.get("namespace", "")), f"{where}: metadata.namespace"
+        for k, v in {**meta.get("labels", {}), **meta.get("annotations", {})}.items():
+            assert isinstance(v, str), f"{where}: label/annotation {k} must be a string"
+        if kind == "DaemonSet":
+            spec = doc["spec"]
+            selector = spec["selector"]["matchLabels"]
+            labels = spec["template"]["metadata"]["labels"]
+            assert selector and selector.items() <= labels.items(), f"{where}: selector"
+            check_pod_spec(spec["template"]["spec"], where)
+        elif kind == "Pod":
+            check_pod_spec(doc["spec"], where)
+        elif kind == "ConfigMap":
+            assert all(isinstance(v, str) for v in doc["data"].values()), where
+        elif kind == "NetworkAttachmentDefinition":
+            conf = json.loads(doc["spec"]["config"])
+            assert {"cniVersion", "name", "type"} <= conf.keys(), where
+        elif kind == "PodMonitor":
+            assert doc["spec"]["selector"]["matchLabels"], where
+            assert doc["spec"]["podMetricsEndpoints"], where
+    assert {"DaemonSet", "ConfigMap", "NetworkAttachmentDefinition", "Pod"} <= set(kinds)
+    assert kinds.count("Pod") == 3, "the two test pods and the debug pod"
+
+
+def test_kustomization_lists_existing_files_and_the_image(deployments: Path) -> None:
+    (kust,) = by_kind(deployments, "Kustomization")
+    for res in kust["resources"]:
+        assert (deployments / res).is_file(), f"kustomization.yaml: {res} does not exist"
+    images = {
+        c["image"].rsplit(":", 1)[0]
+        for path, doc in manifests(deployments)
+        if path.parent == deployments and doc["kind"] == "DaemonSet"
+        for c in doc["spec"]["template"]["spec"]["initContainers"]
+        + doc["spec"]["template"]["spec"]["containers"]
+    }
+    assert images == {i["name"] for i in kust["images"]}
+
+
+def test_pool_config_validates_and_names_the_nads_resource(deployments: Path) -> None:
+    cm = one(deployments, "ConfigMap", "virtdp-config")
+    config = pools.parse_config(cm["data"]["config.yaml"], "virtdp-config/config.yaml")
+    resources = {p.resource_name for p in config.pools}
+    nads = by_kind(deployments, "NetworkAttachmentDefinition")
+    assert nads
+    for nad in nads:
+        resource = nad["metadata"]["annotations"][RESOURCE_ANNOTATION]
+        assert resource in resources, f"NAD {nad['metadata']['name']}: no pool named {resource}"
+        conf = json.loads(nad["spec"]["config"])
+        assert conf["type"] == "ehost-device"
+        assert conf["name"] == nad["metadata"]["name"]
+        assert conf["ipam"]["type"] == "host-local"
+
+
+def test_nads_ipam_works_with_the_real_host_local(
+    deployments: Path, tmp_path: Path, netns: Any
+) -> None:
+    # The IPAM section must be what host-local understands: run the real plugin (as
+    # ehost-device will delegate to it) with the NAD's config, leases kept in a temp dir.
+    import ipaddress
+    import os
+    import subprocess
+
+    nad = one(deployments, "NetworkAttachmentDefinition", "virtdp-net")
+    conf = json.loads(nad["spec"]["config"])
+    conf["ipam"]["dataDir"] = str(tmp_path / "leases")
+    env = {
+        **os.environ,
+        "CNI_CONTAINERID": "deploy-test",
+        "CNI_NETNS": netns.path,
+        "CNI_IFNAME": "net1",
+        "CNI_PATH": "/usr/lib/cni",
+    }
+    add = subprocess.run(
+        ["/usr/lib/cni/host-local"],
+        input=json.dumps(conf),
+        capture_output=True,
+        text=True,
+        env={**env, "CNI_COMMAND": "ADD"},
+    )
+    assert add.returncode == 0, add.stdout + add.stderr
+    result = json.loads(add.stdout)
+    (r,) = conf["ipam"]["ranges"][0]
+    (ip,) = result["ips"]
+    address = ipaddress.ip_interface(ip["address"])
+    assert address.network == ipaddress.ip_network(r["subnet"])
+    first, last = (int(ipaddress.ip_address(r[k])) for k in ("rangeStart", "rangeEnd"))
+    assert first <= int(address.ip) <= last
+    assert [x["dst"] for x in result["routes"]] == [x["dst"] for x in conf["ipam"]["routes"]]
+    delete = subprocess.run(
+        ["/usr/lib/cni/host-local"],
+        input=json.dumps(conf),
+        capture_output=True,
+        text=True,
+        env={**env, "CNI_COMMAND": "DEL"},
+    )
+    assert delete.returncode == 0, delete.stdout + delete.stderr
+
+
+def smoke_pods(deployments: Path) -> List[Doc]:
+    return [
+        p
+        for p in by_kind(deployments, "Pod")
+        if p["metadata"]["labels"]["app.kubernetes.io/name"] == "virtdp-test"
+    ]
+
+
+def test_test_pods_request_the_pool_and_name_the_nad(deployments: Path) -> None:
+    nads = {n["metadata"]["name"]: n for n in by_kind(deployments, "NetworkAttachmentDefinition")}
+    pods = smoke_pods(deployments)
+    assert len(pods) == 2
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        networks = pod["metadata"]["annotations"][NETWORKS_ANNOTATION].split(",")
+        for net in networks:
+            net = net.strip().split("@")[0]
+            ns, _, nad_name = net.rpartition("/")
+            assert nad_name in nads, f"pod {name}: no NetworkAttachmentDefinition {nad_name}"
+            nad = nads[nad_name]
+            assert (ns or pod["metadata"]["namespace"]) == nad["metadata"]["namespace"]
+            resource = nad["metadata"]["annotations"][RESOURCE_ANNOTATION]
+            wanted = sum(
+                int(c["resources"]["limits"].get(resource, 0)) for c in pod["spec"]["containers"]
+            )
+            assert wanted >= networks.count(net), f"pod {name}: asks {wanted} {resource}"
+
+
+def daemonset(deployments: Path) -> Doc:
+    return one(deployments, "DaemonSet", "virtdp")
+
+
+def containerfile(deployments: Path) -> Tuple[Dict[str, str], str]:
+    """COPY sources → destination, and the text of the RUN instructions."""
+    text = (deployments / "Containerfile").read_text().replace("\\\n", " ")
+    copies: Dict[str, str] = {}
+    runs = []
+    for line in text.splitlines():
+        words = line.split(maxsplit=1)
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "COPY":
+            *srcs, dest = shlex.split(words[1])
+            for src in srcs:
+                copies[src] = dest + Path(src).name if dest.endswith("/") else dest
+        elif words[0] == "RUN":
+            runs.append(words[1])
+        elif words[0] == "FROM":
+            assert "python:3.11" in words[1], "the PEX files need CPython 3.11"
+    return copies, "\n".join(runs)
+
+
+def test_containerfile_ships_the_pex_files_and_the_installer(
+    deployments: Path, repo_root: Path
+) -> None:
+    copies, runs = containerfile(deployments)
+    for tool in TOOLS:
+        assert f"dist/{tool}.pex" in copies, f"Containerfile does not copy dist/{tool}.pex"
+        assert (repo_root / "tools" / tool).is_dir(), f"no tools/{tool} for dist/{tool}.pex"
+    for src in copies:
+        assert src.startswith("dist/") or (repo_root / src).is_file(), f"COPY {src}: missing"
+    assert "deployments/install-cni.sh" in copies
+    # The wrapper commands the DaemonSet runs are made by the RUN step.
+    for tool in ("virtdp-serve", "virtdp-inspect", "virtdp-discover"):
+        assert tool in runs
+    assert "/usr/local/bin/$tool" in runs and "/opt/virtdp/%s.pex" in runs
+
+
+def test_init_container_installs_the_shipped_plugin_into_host_cni_bin(deployments: Path) -> None:
+    copies, _ = containerfile(deployments)
+    spec = daemonset(deployments)["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    script, source, bindir, name = init["command"]
+    assert script == copies["deployments/install-cni.sh"]
+    assert source == copies["dist/ehost-device.pex"]
+    assert name == "ehost-device", "the NAD's type is the file name the runtime execs"
+    nad = one(deployments, "NetworkAttachmentDefinition", "virtdp-net")
+    assert json.loads(nad["spec"]["config"])["type"] == name
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (mount,) = (m for m in init["volumeMounts"] if m["mountPath"] == bindir)
+    assert volumes[mount["name"]]["hostPath"]["path"] == "/opt/cni/bin"
+    assert not mount.get("readOnly")
+
+
+def test_serve_container_runs_the_wrapper_the_image_makes(deployments: Path) -> None:
+    spec = daemonset(deployments)["spec"]["template"]["spec"]
+    (serve,) = (c for c in spec["containers"] if c["name"] == "virtdp-serve")
+    assert serve["command"] == ["/usr/local/bin/virtdp-serve"]
+    ann = daemonset(deployments)["spec"]["template"]["metadata"]["annotations"]
+    (port,) = serve["ports"]
+    assert ann["prometheus.io/port"] == str(port["containerPort"])
+    assert serve["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert serve["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert serve["resources"]["requests"] and serve["resources"]["limits"]
+    (pm,) = by_kind(deployments, "PodMonitor")
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == port["name"]
+    labels = daemonset(deployments)["spec"]["template"]["metadata"]["labels"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+@pytest.mark.parametrize("name", ["virtdp-config.yaml", "virtdp-daemonset.yaml"])
+def test_manifest_names_are_kube_system(deployments: Path, name: str) -> None:
+    for doc in yaml.safe_load_all((deployments / name).read_text()):
+        assert doc["metadata"]["namespace"] == "kube-system"

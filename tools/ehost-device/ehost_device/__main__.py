@@ -1,0 +1,3 @@
+from ehost_device.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,533 @@
+"""ehost-device: hand a virtio NIC to a pod, and give it back (CNI 1.1 ADD, DEL, CHECK, STATUS, GC).
+
+Reads top to bottom: finding the NIC, `cmd_add`, `cmd_del`, `cmd_check`, `cmd_status`,
+`cmd_gc`, and `run`, the dispatch. What a NIC looked like on the host (name, MTU, MAC, down)
+travels on the NIC itself as its link alias (`virtcore.alias.Mark`), so DEL never depends on a
+file. Every ADD step registers its undo before the next one runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from ehost_device import conf as cni
+from ehost_device import ipam, locks
+from ehost_device import result as res
+from ehost_device.conf import CniError, Conf, Env
+from virtcore import alias, netns, sysfs
+
+log = logging.getLogger("ehost-device")
+
+HOST_NS = "/proc/self/ns/net"  # the runtime runs us in the host's network namespace
+
+
+# -- finding the NIC ----------------------------------------------------------------------------
+
+
+def _resolve_pci(c: Conf, host: Any) -> str:
+    """The PCI address of the NIC the config names (deviceID, else device, else hwaddr)."""
+    if c.pci_address:
+        return c.pci_address
+    name = c.device
+    if name is None:
+        matches = [link for link in netns.links(host) if link.mac == c.hwaddr]
+        if not matches:
+            raise CniError(
+                cni.E_NIC_NOT_FOUND,
+                f"no host interface has MAC {c.hwaddr}",
+                "hwaddr must name a NIC in the host network namespace",
+            )
+        name = matches[0].name
+    addr = sysfs.netdev_pci_address(c.sysfs_root, name)
+    if addr is None:
+        if netns.link_by_name(host, name) is None:
+            raise CniError(
+                cni.E_NIC_NOT_FOUND,
+                f"no host interface {name}",
+                f"device must name a NIC in the host network namespace ({c.sysfs_root}/class/net)",
+            )
+        raise CniError(
+            cni.E_NOT_VIRTIO,
+            f"host interface {name} is not a PCI NIC",
+            f"{c.sysfs_root}/class/net/{name} leads to no PCI function",
+        )
+    return addr
+
+
+def _host_nic(c: Conf, host: Any, pci_address: str) -> netns.Link:
+    """The NIC's link in the host namespace; errors say why it cannot be had."""
+    try:
+        fn = sysfs.read_function(c.sysfs_root, pci_address)
+    except sysfs.DeviceNotFound:
+        raise CniError(
+            cni.E_NIC_NOT_FOUND,
+            f"no PCI device {pci_address}",
+            f"nothing at {c.sysfs_root}/bus/pci/devices/{pci_address}",
+        ) from None
+    if fn.vendor != sysfs.VIRTIO_VENDOR or fn.device not in sysfs.VIRTIO_NET_PCI_DEVICES:
+        raise CniError(
+            cni.E_NOT_VIRTIO,
+            f"PCI device {pci_address} is not a virtio NIC",
+            f"vendor {fn.vendor}, device {fn.device}; expected vendor {sysfs.VIRTIO_VENDOR}, "
+            f"device {' or '.join(sysfs.VIRTIO_NET_PCI_DEVICES)}",
+        )
+    if fn.virtio_name is None or fn.driver != "virtio_net":
+        raise CniError(
+            cni.E_NOT_VIRTIO,
+            f"virtio device {pci_address} is not bound to virtio_net",
+            "; ".join(fn.problems) or f"driver is {fn.driver}",
+        )
+    for name in fn.netdevs:
+        link = netns.link_by_name(host, name)
+        if link is not None:
+            return link
+    raise CniError(
+        cni.E_NIC_BUSY,
+        f"NIC {pci_address} is not in the host network namespace",
+        "it is inside another network namespace (plumbed into another pod?)",
+    )
+
+
+def _matches(c: Conf, mark: alias.Mark, link: netns.Link) -> bool:
+    """Whether a NIC carrying `mark` is the one this config names."""
+    if c.pci_address:
+        return mark.pci_address == c.pci_address
+    if c.device:
+        return mark.host_ifname == c.device
+    if c.hwaddr:
+        return c.hwaddr in (link.mac, mark.mac)
+    return True
+
+
+def _undo_step(undo: contextlib.ExitStack, what: str, fn: Callable[[], Any]) -> None:
+    def run() -> None:
+        try:
+            fn()
+        except Exception as e:  # best effort: the other undo steps must still run
+            log.error("could not undo %s: %s", what, e)
+
+    undo.callback(run)
+
+
+# -- ADD ----------------------------------------------------------------------------------------
+
+
+def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
+    with contextlib.ExitStack() as hold:
+        host = hold.enter_context(netns.open_ns(None))
+        pci_address = _resolve_pci(c, host)
+        hold.enter_context(locks.device_lock(c.sysfs_root, pci_address, c.lock_timeout))
+        nic = _host_nic(c, host, pci_address)
+        try:
+            pod = hold.enter_context(netns.open_ns(env.netns))
+        except netns.NamespaceNotFound as e:
+            raise CniError(cni.E_NETNS_MISSING, "CNI_NETNS does not exist", str(e)) from None
+        if netns.link_by_name(pod, env.ifname) is not None:
+            raise CniError(
+                cni.E_IFNAME_EXISTS,
+                f"interface {env.ifname} already exists in {env.netns}",
+                "CNI_IFNAME must not exist in the pod namespace",
+            )
+
+        # A NIC that still carries our mark came back from a namespace that died before its
+        # DEL: the mark, not its current state, says what it looked like on the host.
+        old = alias.decode(nic.alias)
+        if old is not None and old.pci_address != pci_address:
+            old = None
+        orig_mtu = old.mtu if old and old.mtu is not None else nic.mtu
+        orig_mac = old.mac if old and old.mac else nic.mac
+        final_mtu = c.mtu or nic.mtu
+        final_mac = c.mac or nic.mac
+        mark = alias.Mark(
+            host_ifname=old.host_ifname if old else nic.name,
+            pci_address=pci_address,
+            mtu=orig_mtu if orig_mtu != final_mtu else None,
+            mac=orig_mac if orig_mac != final_mac else None,
+            was_down=old.was_down if old else not nic.up,
+        )
+        log.info(
+            "ADD %s: %s (%s) -> %s in %s", env.container_id, nic.name, pci_address, env.ifname,
+            env.netns,
+        )
+
+        with contextlib.ExitStack() as undo:
+            if nic.up:  # links are renamed, and MACs changed, while down
+                netns.set_up(host, nic, False, undo=undo)
+            netns.set_alias(host, nic, mark.encode(), undo=undo)
+            # Renamed in a namespace of its own: no udev or NetworkManager races the rename on
+            # the host, and the host name cannot clash with a pod link of the same name.
+            tmp = hold.enter_context(netns.temporary_namespace())
+            tmpr = hold.enter_context(netns.open_ns(tmp))
+            link = netns.move(host, nic, tmpr, tmp, HOST_NS, undo=undo)
+            link = netns.rename(tmpr, link, env.ifname, undo=undo)
+            if c.mtu:
+                link = netns.set_mtu(tmpr, link, c.mtu, undo=undo)
+            if c.mac:
+                link = netns.set_mac(tmpr, link, c.mac, undo=undo)
+            link = netns.move(tmpr, link, pod, env.netns, tmp, undo=undo)
+            netns.set_up(pod, link, True, undo=undo)
+
+            got = res.Result()
+            if c.ipam_type:
+                ipam_type = c.ipam_type
+                # Registered before the call: an IPAM ADD that fails half-way is DELeted too.
+                _undo_step(
+                    undo,
+                    "IPAM ADD",
+                    lambda: ipam.run(ipam_type, "DEL", environ, c.raw, list(env.path)),
+                )
+                raw = ipam.run(ipam_type, "ADD", environ, c.raw, list(env.path))
+                try:
+                    got = res.parse(raw or {})
+                except res.ResultError as e:
+                    raise CniError(
+                        cni.E_IPAM_RESULT, f"IPAM plugin {ipam_type} returned an unusable result",
+                        str(e),
+                    ) from None
+                _configure(pod, link, got, undo)
+            undo.pop_all()
+
+    return _add_result(env, c, pci_address, link, got)
+
+
+def _configure(pod: Any, link: netns.Link, got: res.Result, undo: contextlib.ExitStack) -> None:
+    """Addresses and routes from the IPAM result, inside the pod namespace."""
+    gateways: Dict[int, str] = {}
+    for ip in got.ips:
+        netns.add_address(pod, link, ip.address, undo=undo)
+        if ip.gateway and ip.family not in gateways:
+            gateways[ip.family] = ip.gateway
+    for r in got.routes:
+        family = 6 if ":" in r.dst else 4
+        netns.add_route(
+            pod,
+            link,
+            netns.Route(
+                dst=r.dst,
+                gw=r.gw or gateways.get(family),
+                priority=r.priority,
+                table=r.table,
+                scope=r.scope,
+                mtu=r.mtu,
+                advmss=r.advmss,
+            ),
+            undo=undo,
+        )
+
+
+def _add_result(
+    env: Env, c: Conf, pci_address: str, link: netns.Link, got: res.Result
+) -> Dict[str, Any]:
+    prev = res.Result()
+    if c.prev_result:
+        try:
+            prev = res.parse(c.prev_result)
+        except res.ResultError:
+            prev = res.Result()
+    index = len(prev.interfaces)
+    iface = res.Interface(
+        name=env.ifname, mac=link.mac, mtu=link.mtu, sandbox=env.netns, pci_id=pci_address
+    )
+    ips = tuple(res.IP(ip.address, ip.gateway, index) for ip in got.ips)
+    out = res.Result(
+        interfaces=prev.interfaces + (iface,),
+        ips=prev.ips + ips,
+        routes=prev.routes + got.routes,
+        dns=got.dns or prev.dns,
+    )
+    return res.render(out, c.cni_version)
+
+
+# -- DEL ----------------------------------------------------------------------------------------
+
+
+def cmd_del(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
+    """Best effort, idempotent: give the NIC back if it is anywhere we can see, then IPAM DEL."""
+    errors: List[CniError] = []
+    with contextlib.ExitStack() as hold:
+        host = hold.enter_context(netns.open_ns(None))
+        if c.pci_address:
+            hold.enter_context(locks.device_lock(c.sysfs_root, c.pci_address, c.lock_timeout))
+        found = None
+        if env.netns:
+            try:
+                pod = hold.enter_context(netns.open_ns(env.netns))
+            except netns.NamespaceNotFound:
+                log.info("DEL %s: %s is gone; looking on the host", env.container_id, env.netns)
+                pod = None
+            if pod is not None:
+                link = netns.link_by_name(pod, env.ifname)
+                mark = alias.decode(link.alias) if link else None
+                if link and mark and _matches(c, mark, link):
+                    found = (pod, env.netns, link, mark)
+                elif link:
+                    log.warning(
+                        "DEL %s: %s in %s carries no matching virtdp mark; left alone",
+                        env.container_id, env.ifname, env.netns,
+                    )
+        if found is None:
+            # The namespace died (the kernel returned the NIC to the host, maybe as devN), or
+            # an ADD was cut short: the mark on the link finds it.
+            for link in netns.links(host):
+                mark = alias.decode(link.alias)
+                if mark and _matches(c, mark, link):
+                    found = (host, HOST_NS, link, mark)
+                    break
+        if found is not None:
+            src, src_path, link, mark = found
+            if not c.pci_address:
+                hold.enter_context(
+                    locks.device_lock(c.sysfs_root, mark.pci_address, c.lock_timeout)
+                )
+            try:
+                _give_back(hold, host, src, src_path, link, mark)
+                log.info(
+                    "DEL %s: %s is back on the host as %s", env.container_id,
+                    mark.pci_address, mark.host_ifname,
+                )
+            except netns.NetnsError as e:
+                errors.append(CniError(cni.E_NETLINK, "cannot give the NIC back", str(e)))
+            except CniError as e:
+                errors.append(e)
+        else:
+            log.info("DEL %s: no NIC to give back", env.container_id)
+    if c.ipam_type:
+        try:
+            ipam.run(c.ipam_type, "DEL", environ, c.raw, list(env.path))
+        except CniError as e:
+            errors.append(e)
+    if errors:
+        first = errors[0]
+        if len(errors) > 1:
+            first.details = "; ".join(f"{e.msg}: {e.details}" for e in errors)
+        raise first
+
+
+def _give_back(
+    hold: contextlib.ExitStack,
+    host: Any,
+    src: Any,
+    src_path: str,
+    link: netns.Link,
+    mark: alias.Mark,
+) -> None:
+    """Move a marked NIC from `src` to the host under its host name and settings, via a
+    temporary namespace; on failure it stays where it was."""
+    with contextlib.ExitStack() as undo:
+        if link.up:
+            netns.set_up(src, link, False, undo=undo)
+        tmp = hold.enter_context(netns.temporary_namespace())
+        tmpr = hold.enter_context(netns.open_ns(tmp))
+        moved = netns.move(src, link, tmpr, tmp, src_path, undo=undo)
+        moved = netns.rename(tmpr, moved, mark.host_ifname, undo=undo)
+        if mark.mtu is not None:
+            moved = netns.set_mtu(tmpr, moved, mark.mtu, undo=undo)
+        if mark.mac is not None:
+            moved = netns.set_mac(tmpr, moved, mark.mac, undo=undo)
+        if netns.link_by_name(host, mark.host_ifname) is not None:
+            raise CniError(
+                cni.E_NETLINK,
+                f"cannot give {mark.pci_address} back as {mark.host_ifname}",
+                f"the host already has a link named {mark.host_ifname}; the NIC stays put",
+            )
+        moved = netns.move(tmpr, moved, host, HOST_NS, tmp, undo=undo)
+        netns.set_alias(host, moved, None, undo=undo)
+        if not mark.was_down:
+            netns.set_up(host, moved, True, undo=undo)
+        undo.pop_all()
+
+
+# -- CHECK --------------------------------------------------------------------------------------
+
+
+def _check_failed(msg: str, details: str = "") -> CniError:
+    return CniError(cni.E_CHECK, msg, details)
+
+
+def cmd_check(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
+    if cni.version_tuple(c.cni_version) < (0, 4, 0):
+        raise CniError(
+            cni.E_INCOMPATIBLE_VERSION,
+            f"CHECK is not defined for cniVersion {c.cni_version}",
+            "CHECK needs cniVersion 0.4.0 or later",
+        )
+    if c.prev_result is None:
+        raise CniError(
+            cni.E_INVALID_CONFIG,
+            "invalid network configuration: prevResult",
+            "CHECK needs the prevResult of the ADD",
+        )
+    try:
+        prev = res.parse(c.prev_result)
+    except res.ResultError as e:
+        raise CniError(
+            cni.E_INVALID_CONFIG, "invalid network configuration: prevResult", str(e)
+        ) from None
+    try:
+        with netns.open_ns(env.netns) as pod:
+            _check_pod(env, c, pod, prev)
+    except netns.NamespaceNotFound as e:
+        raise CniError(cni.E_NETNS_MISSING, "CNI_NETNS does not exist", str(e)) from None
+    if c.ipam_type:
+        ipam.run(c.ipam_type, "CHECK", environ, c.raw, list(env.path))
+
+
+def _check_pod(env: Env, c: Conf, pod: Any, prev: res.Result) -> None:
+    link = netns.link_by_name(pod, env.ifname)
+    if link is None:
+        raise _check_failed(f"{env.ifname} is missing from {env.netns}")
+    mark = alias.decode(link.alias)
+    if mark is None or (c.pci_address and mark.pci_address != c.pci_address):
+        raise _check_failed(
+            f"{env.ifname} in {env.netns} is not the NIC this plugin plumbed",
+            f"its alias is {link.alias!r}",
+        )
+    index = next(
+        (
+            i
+            for i, it in enumerate(prev.interfaces)
+            if it.name == env.ifname and (not it.sandbox or it.sandbox == env.netns)
+        ),
+        None,
+    )
+    if index is None:
+        raise _check_failed(f"prevResult lists no interface {env.ifname} in {env.netns}")
+    want = prev.interfaces[index]
+    if want.mac and want.mac.lower() != link.mac:
+        raise _check_failed(f"{env.ifname} has MAC {link.mac}, prevResult says {want.mac}")
+    if want.mtu and want.mtu != link.mtu:
+        raise _check_failed(f"{env.ifname} has MTU {link.mtu}, prevResult says {want.mtu}")
+    if not link.up:
+        raise _check_failed(f"{env.ifname} is down")
+    have = set(netns.addresses(pod, link.index))
+    for ip in prev.ips:
+        if ip.interface not in (None, index):
+            continue
+        if ip.address not in have:
+            raise _check_failed(
+                f"{env.ifname} lacks address {ip.address}", f"it has {sorted(have) or 'none'}"
+            )
+    routes = netns.routes(pod)
+    gateways = {ip.family: ip.gateway for ip in prev.ips if ip.gateway}
+    for r in prev.routes:
+        gw = r.gw or gateways.get(6 if ":" in r.dst else 4)
+        if not any(have.dst == r.dst and (gw is None or have.gw == gw) for have in routes):
+            via = f" via {gw}" if gw else ""
+            raise _check_failed(f"route {r.dst}{via} is missing from {env.netns}")
+
+
+# -- STATUS and GC ------------------------------------------------------------------------------
+
+
+def _needs_1_1(c: Conf, command: str) -> None:
+    if cni.version_tuple(c.cni_version) < (1, 1, 0):
+        raise CniError(
+            cni.E_INCOMPATIBLE_VERSION,
+            f"{command} is not defined for cniVersion {c.cni_version}",
+            f"{command} needs cniVersion 1.1.0",
+        )
+
+
+def cmd_status(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
+    _needs_1_1(c, "STATUS")
+    devices = os.path.join(c.sysfs_root, "bus", "pci", "devices")
+    try:
+        os.listdir(devices)
+    except OSError as e:
+        raise CniError(
+            cni.E_NOT_AVAILABLE, "cannot read the PCI tree", f"{devices}: {e.strerror}"
+        ) from None
+    if not c.ipam_type:
+        return
+    try:
+        exe = ipam.find(c.ipam_type, list(env.path))
+        versions = ipam.supported_versions(exe, environ)
+        if "1.1.0" in versions:
+            ipam._exec(exe, "STATUS", environ, c.raw)
+    except CniError as e:
+        if e.code in (cni.E_NOT_AVAILABLE, 51):
+            raise
+        raise CniError(cni.E_NOT_AVAILABLE, f"IPAM is not available: {e.msg}", e.details) from None
+
+
+def cmd_gc(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
+    _needs_1_1(c, "GC")
+    valid = c.raw.get("cni.dev/valid-attachments", [])
+    if not isinstance(valid, list) or not all(
+        isinstance(a, dict) and isinstance(a.get("containerID"), str) for a in valid
+    ):
+        raise CniError(
+            cni.E_INVALID_CONFIG,
+            "invalid network configuration: cni.dev/valid-attachments",
+            "expected a list of {containerID, ifname} objects",
+        )
+    if not c.ipam_type:
+        return
+    exe = ipam.find(c.ipam_type, list(env.path))
+    if "1.1.0" in ipam.supported_versions(exe, environ):
+        ipam._exec(exe, "GC", environ, c.raw)
+    else:
+        log.info("GC: IPAM plugin %s predates GC (CNI 1.1.0); nothing to forward", c.ipam_type)
+
+
+# -- dispatch -----------------------------------------------------------------------------------
+
+COMMANDS: Dict[str, Callable[[Env, Conf, Mapping[str, str]], Optional[Dict[str, Any]]]] = {
+    "ADD": cmd_add,
+    "DEL": cmd_del,
+    "CHECK": cmd_check,
+    "STATUS": cmd_status,
+    "GC": cmd_gc,
+}
+
+
+def _setup_logging(c: Conf) -> None:
+    handler: logging.Handler
+    fallback = None
+    if c.log_file:
+        try:
+            handler = logging.FileHandler(c.log_file)
+        except OSError as e:
+            handler = logging.StreamHandler(sys.stderr)
+            fallback = f"cannot open logFile {c.log_file}: {e.strerror}; logging to stderr"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s ehost-device[%(process)d] %(levelname)s %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(c.log_level.upper())
+    for noisy in ("pyroute2", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if fallback:
+        log.warning("%s", fallback)
+
+
+def run(environ: Mapping[str, str], data: bytes) -> Tuple[int, Optional[Dict[str, Any]]]:
+    """One CNI call: (exit status, JSON object for stdout or None)."""
+    version = cni.LATEST
+    try:
+        command = environ.get("CNI_COMMAND", "")
+        if command not in cni.COMMANDS:
+            cni.load_env(environ, needs_ipam=False)  # raises the error naming CNI_COMMAND
+        obj = cni.parse_json(data)
+        version = cni.requested_version(obj)
+        c = cni.load_conf(obj, version, need_nic=command in ("ADD", "CHECK"))
+        _setup_logging(c)
+        env = cni.load_env(environ, needs_ipam=c.ipam_type is not None)
+        try:
+            out = COMMANDS[env.command](env, c, environ)
+        except netns.NetnsError as e:
+            raise CniError(cni.E_NETLINK, f"{env.command} failed", str(e)) from None
+        return 0, out
+    except CniError as e:
+        log.error("%s", f"{e.msg}: {e.details}" if e.details else e.msg)
+        return 1, e.to_json(version)
+    except Exception as e:  # never a traceback on stdout: the runtime reads JSON there
+        log.exception("unexpected failure")
+        return 1, CniError(999, "internal error in ehost-device", repr(e)).to_json(version)

@@ -1,0 +1,3 @@
+from virtdp_discover.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,3 @@
+from virtdp_inspect.cli import main
+
+raise SystemExit(main())

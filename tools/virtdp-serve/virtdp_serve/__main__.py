@@ -1,0 +1,3 @@
+from virtdp_serve.cli import main
+
+raise SystemExit(main())

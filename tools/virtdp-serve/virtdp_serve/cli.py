@@ -1,0 +1,162 @@
+"""virtdp-serve's command line: check every input, then run the daemon until SIGTERM/SIGINT.
+
+Exit 0 after a clean stop, 2 on bad input (flags, config, metrics address, sysfs tree), checked
+before any socket is created, 1 on an unexpected failure. Logs go to stderr; stdout stays empty.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from virtcore import devinfo, discovery, pools
+from virtcore.kubelet import registration
+from virtdp_serve import __version__, logs, metrics
+
+log = logging.getLogger("virtdp-serve")
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class LogFormat(str, enum.Enum):
+    text = "text"
+    json = "json"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"virtdp-serve {__version__}")
+        raise typer.Exit(0)
+
+
+def _fail(code: int, message: str) -> typer.Exit:
+    log.error("%s", message)
+    return typer.Exit(code)
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command(help="Advertise this node's virtio NICs to the kubelet as device plugin pools.")
+def run(
+    config: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--config",
+            metavar="FILE",
+            help="Pool config (YAML), reloaded on change and on SIGHUP. "
+            "Default: one pool kernel.org/virt of all eligible NICs.",
+        ),
+    ] = None,
+    device_plugin_dir: Annotated[
+        Path,
+        typer.Option(
+            "--device-plugin-dir",
+            metavar="DIR",
+            help="The kubelet's device plugin directory (kubelet.sock and plugin sockets).",
+        ),
+    ] = Path(registration.DEFAULT_DEVICE_PLUGIN_DIR),
+    devinfo_dir: Annotated[
+        Path,
+        typer.Option(
+            "--devinfo-dir",
+            metavar="DIR",
+            help="Where device-info files for Multus are written (created if missing).",
+        ),
+    ] = Path(devinfo.DEFAULT_DIR),
+    sysfs_root: Annotated[
+        Path,
+        typer.Option("--sysfs-root", metavar="DIR", help="sysfs tree to read."),
+    ] = Path("/sys"),
+    metrics_address: Annotated[
+        Optional[str],
+        typer.Option(
+            "--metrics-address",
+            metavar="HOST:PORT",
+            help="Serve Prometheus /metrics, /healthz and /readyz here (off by default).",
+        ),
+    ] = None,
+    log_format: Annotated[
+        LogFormat, typer.Option("--log-format", help="Log lines as text or json.")
+    ] = LogFormat.text,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="Debug logs (-vv: library too).")
+    ] = 0,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    logs.setup(log_format.value, verbose)
+    from virtdp_serve.daemon import Daemon  # after logging: its imports are the heavy part
+    from virtdp_serve.plugin import ServeError
+
+    try:
+        cfg = pools.load_config(str(config) if config is not None else None)
+    except pools.ConfigError as e:
+        raise _fail(EXIT_USAGE, f"config error: {e}") from None
+    if not (sysfs_root / "bus" / "pci" / "devices").is_dir():
+        raise _fail(
+            EXIT_USAGE,
+            f"--sysfs-root {sysfs_root}: not a sysfs tree (no bus/pci/devices), "
+            "expected /sys or a captured tree",
+        )
+    if device_plugin_dir.exists() and not device_plugin_dir.is_dir():
+        raise _fail(EXIT_USAGE, f"--device-plugin-dir {device_plugin_dir}: not a directory")
+    if devinfo_dir.exists() and not devinfo_dir.is_dir():
+        raise _fail(EXIT_USAGE, f"--devinfo-dir {devinfo_dir}: not a directory")
+    if metrics_address is not None:
+        try:
+            metrics.parse_address(metrics_address)
+        except ValueError as e:
+            raise _fail(EXIT_USAGE, f"--metrics-address {e}") from None
+    log.info(
+        "virtdp-serve %s: pools from %s: %s",
+        __version__,
+        cfg.source,
+        ", ".join(p.resource_name for p in cfg.pools),
+    )
+    try:
+        daemon = Daemon(
+            config=cfg,
+            config_path=str(config) if config is not None else None,
+            device_plugin_dir=str(device_plugin_dir),
+            devinfo_dir=str(devinfo_dir),
+            sysfs_root=str(sysfs_root),
+            metrics_address=metrics_address,
+        )
+    except OSError as e:
+        raise _fail(
+            EXIT_USAGE, f"--metrics-address {metrics_address}: cannot listen: {e}"
+        ) from None
+    try:
+        daemon.start()
+    except (discovery.DiscoveryError, ServeError, OSError) as e:
+        daemon.shutdown()
+        raise _fail(EXIT_USAGE if isinstance(e, ServeError) else EXIT_FAILURE, str(e)) from None
+    code = daemon.run()
+    log.info("stopped")
+    raise typer.Exit(code)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        app(args=argv, prog_name="virtdp-serve")
+    except SystemExit as e:
+        if e.code is None:
+            return 0
+        return e.code if isinstance(e.code, int) else EXIT_FAILURE
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
