@@ -45,7 +45,9 @@ def test_missing_or_unknown_cni_version(setup, version):
     _untouched(rig, pod, before)
 
 
-@pytest.mark.parametrize("var", ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"])
+@pytest.mark.parametrize(
+    "var", ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"]
+)
 def test_missing_cni_variables(setup, var):
     rig, pod, before = setup
     err = rig.cni("ADD", rig.conf("1.0.0", deviceID=PCI), pod=pod, drop=(var,)).error(4)
@@ -53,9 +55,7 @@ def test_missing_cni_variables(setup, var):
     _untouched(rig, pod, before)
 
 
-@pytest.mark.parametrize(
-    "ifname", ["a" * 16, "net/1", "net:1", "net 1", "net\t1", ".", ""]
-)
+@pytest.mark.parametrize("ifname", ["a" * 16, "net/1", "net:1", "net 1", "net\t1", ".", ""])
 def test_bad_ifname(setup, ifname):
     rig, pod, before = setup
     err = rig.cni("ADD", rig.conf("1.0.0", deviceID=PCI), pod=pod, ifname=ifname).error(4)
@@ -137,9 +137,9 @@ def test_nic_already_in_another_namespace(setup):
     rig, pod, before = setup
     first = rig.cni("ADD", rig.conf("1.0.0", deviceID=PCI), pod=pod, container_id="first").ok()
     other = rig.pod()
-    err = rig.cni(
-        "ADD", rig.conf("1.0.0", deviceID=PCI), pod=other, container_id="second"
-    ).error(102)
+    err = rig.cni("ADD", rig.conf("1.0.0", deviceID=PCI), pod=other, container_id="second").error(
+        102
+    )
     assert PCI in err["msg"]
     assert rig.has_link("net1", pod) and not rig.has_link("net1", other)
     assert rig.leases() == [first["ips"][0]["address"].split("/")[0]]
@@ -163,7 +163,9 @@ def test_missing_ipam_plugin(setup, version):
 def test_ipam_config_invalid_for_the_real_plugin(setup):
     rig, pod, before = setup
     # host-local itself rejects this: its error code and message come through.
-    conf = rig.conf("1.0.0", deviceID=PCI, ipam={"type": "host-local", "dataDir": str(rig.ipam_dir)})
+    conf = rig.conf(
+        "1.0.0", deviceID=PCI, ipam={"type": "host-local", "dataDir": str(rig.ipam_dir)}
+    )
     out = rig.cni("ADD", conf, pod=pod)
     assert out.rc != 0 and out.out["code"] != 0 and "host-local" in out.out["msg"]
     assert set(out.out) == {"cniVersion", "code", "msg", "details"}

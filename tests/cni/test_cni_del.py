@@ -1,4 +1,4 @@
-"""DEL is best effort and idempotent: the IPAM lease always goes, the NIC comes back if it exists."""
+"""DEL is best effort and idempotent: the IPAM lease always goes, the NIC comes back if it can."""
 
 from __future__ import annotations
 

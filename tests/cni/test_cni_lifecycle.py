@@ -21,7 +21,7 @@ def test_version_lists_exactly_the_supported_versions(rig):
 def test_version_does_not_import_pyroute2():
     code = (
         "import io, os, sys; os.environ['CNI_COMMAND'] = 'VERSION';"
-        "sys.stdin = io.TextIOWrapper(io.BytesIO(b'{\"cniVersion\": \"1.0.0\"}'));"
+        'sys.stdin = io.TextIOWrapper(io.BytesIO(b\'{"cniVersion": "1.0.0"}\'));'
         "from ehost_device.cli import main; rc = main();"
         "print('LOADED' if any(m.startswith('pyroute2') for m in sys.modules) else 'LEAN', rc)"
     )

@@ -52,7 +52,7 @@ def test_named_namespaces_marked_links_only_with_addresses(tmp_path):
         assert row["netns_inode"] == os.stat(pod.path).st_ino
         assert (row["ifname"], row["host_ifname"], row["pci_address"]) == ("net1", "ens5", pci)
         assert "198.51.100.7/24" in row["addresses"] and "2001:db8::7/64" in row["addresses"]
-        assert row["admin_up"] is True and row["operstate"] == "UP"
+        assert row["admin_up"] is True and row["operstate"] == "up"
         assert (row["original_mtu"], row["original_mac"], row["was_down"]) == (None, None, False)
         assert mark.encode().startswith("virtdp/v1 host=ens5")
         assert doc["namespaces_scanned"] >= 3

@@ -126,9 +126,7 @@ def _rebuild_args(pex_info: dict, shebang: str, in_path: str) -> list[str]:
 @rule(desc="Rebuild a PEX with a /bin/sh launcher", level=LogLevel.DEBUG)
 async def package_sh_boot_pex(field_set: ShBootPexFieldSet) -> BuiltPackage:
     targets = await Get(Targets, UnparsedAddressInputs, field_set.pex.to_unparsed_address_inputs())
-    per_target = await Get(
-        FieldSetsPerTarget, FieldSetsPerTargetRequest(PackageFieldSet, targets)
-    )
+    per_target = await Get(FieldSetsPerTarget, FieldSetsPerTargetRequest(PackageFieldSet, targets))
     field_sets = [fs for fs in per_target.field_sets if isinstance(fs, PexBinaryFieldSet)]
     if len(targets) != 1 or len(field_sets) != 1:
         raise InvalidFieldException(
@@ -138,7 +136,7 @@ async def package_sh_boot_pex(field_set: ShBootPexFieldSet) -> BuiltPackage:
     inner = await Get(BuiltPackage, EnvironmentAwarePackageRequest(field_sets[0]))
     in_path = inner.artifacts[0].relpath
     assert in_path is not None
-    (in_pex,) = [c for c in await Get(DigestContents, Digest, inner.digest) if c.path == in_path]
+    (in_pex,) = (c for c in await Get(DigestContents, Digest, inner.digest) if c.path == in_path)
 
     first_line = in_pex.content.split(b"\n", 1)[0].decode()
     shebang = first_line[2:].strip() if first_line.startswith("#!") else ""

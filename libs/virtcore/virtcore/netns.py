@@ -381,9 +381,7 @@ def set_alias(
     )
 
 
-def rename(
-    ipr: Any, link: Link, name: str, *, undo: Optional[contextlib.ExitStack] = None
-) -> Link:
+def rename(ipr: Any, link: Link, name: str, *, undo: Optional[contextlib.ExitStack] = None) -> Link:
     """Rename a link (it must be down). Returns the renamed link."""
     if name == link.name:
         return link

@@ -56,7 +56,7 @@ class PlumbedNic:
     mark: alias.Mark  # host name, PCI address, what to restore
     mac: Optional[str] = None
     mtu: Optional[int] = None
-    operstate: Optional[str] = None
+    operstate: Optional[str] = None  # lower case, as sysfs and discovery show it: "up", ...
     admin_up: Optional[bool] = None
     addresses: Tuple[str, ...] = ()  # "198.51.100.7/24", IPv4 then IPv6, as the kernel lists
 
@@ -161,6 +161,10 @@ def namespaces(
     return out, problems
 
 
+def _lower(value: object) -> Optional[str]:
+    return value.lower() if isinstance(value, str) else None
+
+
 def read_namespace(ns: Namespace) -> List[PlumbedNic]:
     """The marked links in one namespace. Raises OSError when it cannot be opened."""
     from pyroute2 import IPRoute  # ~140 ms to import: only when a namespace is read
@@ -205,7 +209,7 @@ def read_namespace(ns: Namespace) -> List[PlumbedNic]:
             mark=mark,
             mac=link.get_attr("IFLA_ADDRESS"),
             mtu=link.get_attr("IFLA_MTU"),
-            operstate=link.get_attr("IFLA_OPERSTATE"),
+            operstate=_lower(link.get_attr("IFLA_OPERSTATE")),
             admin_up=bool(link["flags"] & 1),  # IFF_UP
             addresses=tuple(addrs.get(link["index"], ())),
         )
@@ -213,15 +217,39 @@ def read_namespace(ns: Namespace) -> List[PlumbedNic]:
     ]
 
 
-def scan(netns_dir: str = NETNS_DIR, proc_root: str = PROC_ROOT, *, processes: bool = True) -> Scan:
-    """Every plumbed NIC in every namespace, ordered by namespace then ifindex."""
+def scan(
+    netns_dir: str = NETNS_DIR,
+    proc_root: str = PROC_ROOT,
+    *,
+    processes: bool = True,
+    workers: int = 4,
+) -> Scan:
+    """Every plumbed NIC in every namespace, ordered by namespace then ifindex.
+
+    Namespaces are read `workers` at a time: each read waits on a forked helper (~10-30 ms),
+    so a node with a hundred pods is read in about a second instead of three.
+    """
     nss, problems = namespaces(netns_dir, proc_root, processes=processes)
-    nics: List[PlumbedNic] = []
-    for ns in nss:
+    import pyroute2  # noqa: F401 - imported once here, never concurrently inside a helper fork
+
+    def read(ns: Namespace) -> Tuple[List[PlumbedNic], Optional[str]]:
         try:
-            nics.extend(sorted(read_namespace(ns), key=lambda n: n.ifindex))
+            return sorted(read_namespace(ns), key=lambda n: n.ifindex), None
         except Exception as e:  # noqa: BLE001 - one unreadable namespace must not hide the rest
-            if ns.pid is not None and not ns.names and not os.path.exists(ns.path):
-                continue  # the process exited between listing and reading: not a problem
-            problems.append(f"{ns.path} ({ns.label}): cannot read links: {e}")
+            if not os.path.exists(ns.path):
+                return [], None  # gone since it was listed (pod deleted, process exited)
+            return [], f"{ns.path} ({ns.label}): cannot read links: {e}"
+
+    if workers > 1 and len(nss) > 1:
+        from concurrent import futures
+
+        with futures.ThreadPoolExecutor(max_workers=min(workers, len(nss))) as pool:
+            results = list(pool.map(read, nss))
+    else:
+        results = [read(ns) for ns in nss]
+    nics: List[PlumbedNic] = []
+    for found, problem in results:
+        nics.extend(found)
+        if problem:
+            problems.append(problem)
     return Scan(nics=tuple(nics), namespaces=tuple(nss), problems=tuple(problems))

@@ -29,8 +29,8 @@ def main() -> int:
                 version = asked["cniVersion"]
         except (UnicodeDecodeError, ValueError):
             pass
-        out = {"cniVersion": version, "supportedVersions": list(conf.SUPPORTED_VERSIONS)}
-        sys.stdout.write(json.dumps(out) + "\n")
+        answer = {"cniVersion": version, "supportedVersions": list(conf.SUPPORTED_VERSIONS)}
+        sys.stdout.write(json.dumps(answer) + "\n")
         return 0
     if not environ.get("CNI_COMMAND"):
         sys.stderr.write(

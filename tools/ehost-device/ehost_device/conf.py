@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ehost_device import LATEST as LATEST
 from ehost_device import SUPPORTED_VERSIONS as SUPPORTED_VERSIONS
+
 COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION")
 
 # Well-known codes (CNI spec 1.1, "Error") and this plugin's own (100+).

@@ -150,7 +150,11 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
             was_down=old.was_down if old else not nic.up,
         )
         log.info(
-            "ADD %s: %s (%s) -> %s in %s", env.container_id, nic.name, pci_address, env.ifname,
+            "ADD %s: %s (%s) -> %s in %s",
+            env.container_id,
+            nic.name,
+            pci_address,
+            env.ifname,
             env.netns,
         )
 
@@ -185,7 +189,8 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
                     got = res.parse(raw or {})
                 except res.ResultError as e:
                     raise CniError(
-                        cni.E_IPAM_RESULT, f"IPAM plugin {ipam_type} returned an unusable result",
+                        cni.E_IPAM_RESULT,
+                        f"IPAM plugin {ipam_type} returned an unusable result",
                         str(e),
                     ) from None
                 _configure(pod, link, got, undo)
@@ -267,7 +272,9 @@ def cmd_del(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
                 elif link:
                     log.warning(
                         "DEL %s: %s in %s carries no matching virtdp mark; left alone",
-                        env.container_id, env.ifname, env.netns,
+                        env.container_id,
+                        env.ifname,
+                        env.netns,
                     )
         if found is None:
             # The namespace died (the kernel returned the NIC to the host, maybe as devN), or
@@ -286,8 +293,10 @@ def cmd_del(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
             try:
                 _give_back(hold, host, src, src_path, link, mark)
                 log.info(
-                    "DEL %s: %s is back on the host as %s", env.container_id,
-                    mark.pci_address, mark.host_ifname,
+                    "DEL %s: %s is back on the host as %s",
+                    env.container_id,
+                    mark.pci_address,
+                    mark.host_ifname,
                 )
             except netns.NetnsError as e:
                 errors.append(CniError(cni.E_NETLINK, "cannot give the NIC back", str(e)))

@@ -109,7 +109,9 @@ def parse(obj: Any) -> Result:
                 raise ResultError(f"{where}.gateway is {gw!r}, expected an IP address") from None
             if gwa.version != iface.version:
                 raise ResultError(f"{where}.gateway {gw} is not of the address's IP version")
-        ips.append(IP(address=str(iface), gateway=gw or None, interface=_uint(ip, "interface", where)))
+        ips.append(
+            IP(address=str(iface), gateway=gw or None, interface=_uint(ip, "interface", where))
+        )
     routes = []
     for i, r in enumerate(obj.get("routes") or []):
         where = f"routes[{i}]"

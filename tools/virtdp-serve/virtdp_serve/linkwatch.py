@@ -102,6 +102,14 @@ class LinkWatcher:
         if event not in ("RTM_NEWLINK", "RTM_DELLINK"):
             return
         carrier: Optional[int] = msg.get_attr("IFLA_CARRIER")
+        log.debug(
+            "%s %s index %s flags %#x carrier %s",
+            event,
+            msg.get_attr("IFLA_IFNAME"),
+            msg["index"],
+            msg["flags"],
+            carrier,
+        )
         if self._inventory.link_event(
             index=int(msg["index"]),
             ifname=msg.get_attr("IFLA_IFNAME"),

@@ -8,6 +8,7 @@ import sys
 import time
 
 FORMATS = ("text", "json")
+_LIBRARIES = ("pyroute2", "grpc", "asyncio")
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,9 +34,11 @@ def setup(fmt: str = "text", verbosity: int = 0) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    if verbosity < 2:
+        # Third-party chatter (pyroute2 sets its own loggers' levels) only with -vv.
+        handler.addFilter(
+            lambda r: r.levelno >= logging.WARNING or not r.name.startswith(_LIBRARIES)
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbosity > 0 else logging.INFO)
-    # Third-party chatter stays at WARNING unless -vv.
-    for noisy in ("pyroute2", "grpc"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity > 1 else logging.WARNING)
