@@ -7,7 +7,8 @@ namespace each, the same static IPAM, cniVersion 1.0.0 (the newest host-device s
 timing loop runs inside the node namespace (`ip netns exec`, as a runtime would run the
 plugins on the host) so `ip netns exec` itself is not timed. Runs are interleaved, alternating
 which plugin goes first; medians and the ehost-device / host-device ratio are printed.
-ehost-device runs as `dist/ehost-device.pex` if that exists, else `python -m ehost_device`.
+ehost-device runs as `dist/ehost-device.pex` if that exists (and --source is not given), else
+`python -m ehost_device` with the interpreter running this script.
 Everything it makes is deleted at the end, also on failure.
 """
 
@@ -33,9 +34,9 @@ CNI_PATH = "/usr/lib/cni"
 VERSION = "1.0.0"
 
 
-def ehost_command() -> List[str]:
+def ehost_command(source: bool = False) -> List[str]:
     pex = ROOT / "dist" / "ehost-device.pex"
-    if pex.exists():
+    if pex.exists() and not source:
         return [str(pex)]
     return [sys.executable, "-m", "ehost_device"]
 
@@ -69,7 +70,7 @@ def call(argv: List[str], command: str, conf: Dict, netns: str, env_extra: Dict)
 
 def inner(args: argparse.Namespace) -> None:
     """The timing loop, inside the node namespace."""
-    ours = ehost_command()
+    ours = ehost_command(args.source)
     ours_env = {} if ours[0].endswith(".pex") else {"PYTHONPATH": os.environ["BENCH_PYTHONPATH"]}
     plugins = {
         "ehost-device": (
@@ -146,7 +147,8 @@ def outer(args: argparse.Namespace) -> None:
             subprocess.run(
                 ["ip", "netns", "exec", node.name, sys.executable, __file__, "--inner"]
                 + ["-n", str(args.n), "--sysfs", str(fake.root)]
-                + ["--pod-a", pod_a.path, "--pod-b", pod_b.path],
+                + ["--pod-a", pod_a.path, "--pod-b", pod_b.path]
+                + (["--source"] if args.source else []),
                 env=env,
                 check=True,
             )
@@ -158,6 +160,7 @@ def outer(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-n", type=int, default=30, help="interleaved rounds (default 30)")
+    ap.add_argument("--source", action="store_true", help="run ehost-device from source")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--sysfs", help=argparse.SUPPRESS)
     ap.add_argument("--pod-a", help=argparse.SUPPRESS)

@@ -171,9 +171,9 @@ def bench_memory(nics: int) -> None:
             f"{time.monotonic() - t0:.1f}s"
         )
         t0 = time.monotonic()
-        subprocess.run(["ip", "-n", lab.wire.name, "link", "set", "wt7", "down"], check=True)
+        subprocess.run(["ip", "-n", lab.wire.name, "link", "set", "wt1", "down"], check=True)
         lab.kubelet.wait(
-            lambda: lab.kubelet.devices["example.com/pool0"][addrs[7]].health == "Unhealthy",
+            lambda: lab.kubelet.devices["example.com/pool0"][addrs[1]].health == "Unhealthy",
             10,
             "unhealthy",
         )
