@@ -38,13 +38,22 @@ class ServeLab:
         self.config_path = self.root / "pools.yaml"
         self.sysfs = FakeSysfs(self.root / "sys")
         self.plugin_dir.mkdir()
-        self.node = Netns("vsn")  # the node's namespace, where the daemon runs
-        self.wire = Netns("vsw")  # the far ends of the "cables"
-        self.pods: List[Netns] = []
+        self.namespaces: List[Netns] = []
         self.kubelet = TestKubelet(str(self.plugin_dir))
         self.proc: Optional[subprocess.Popen] = None
         self.log_path = self.root / "serve.log"
         self.metrics_port: Optional[int] = None
+        try:
+            self.node = self._netns("vsn")  # the node's namespace, where the daemon runs
+            self.wire = self._netns("vsw")  # the far ends of the "cables"
+        except BaseException:
+            self.close()
+            raise
+
+    def _netns(self, prefix: str) -> Netns:
+        ns = Netns(prefix)
+        self.namespaces.append(ns)
+        return ns
 
     # -- NICs ------------------------------------------------------------------------------
     def add_nic(
@@ -76,8 +85,7 @@ class ServeLab:
 
     def move_to_pod(self, pci_address: str, ifname: str) -> Netns:
         """What ehost-device does: the NIC's netdev goes into a pod namespace."""
-        pod = Netns("vsq")
-        self.pods.append(pod)
+        pod = self._netns("vsq")
         self.sysfs.move_netdev_away(pci_address)
         ip("link", "set", ifname, "netns", pod.name, ns=self.node.name)
         return pod
@@ -180,15 +188,22 @@ class ServeLab:
         return self.plugin_dir / (resource.replace("/", "_") + ".sock")
 
     def close(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            if self.proc.stdout:
-                self.proc.stdout.close()
-        self.kubelet.stop()
-        for ns in self.pods + [self.wire, self.node]:
-            ns.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Idempotent; each step runs even when an earlier one failed."""
+        try:
+            if self.proc is not None:
+                self.proc.kill()
+                self.proc.wait()
+                if self.proc.stdout:
+                    self.proc.stdout.close()
+                self.proc = None
+        finally:
+            try:
+                self.kubelet.stop()
+            finally:
+                for ns in reversed(self.namespaces):
+                    ns.close()
+                self.namespaces.clear()
+                shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -84,9 +84,7 @@ def test_kubelet_absent_then_present(lab):
     lab.kubelet.wait_registered(RES, timeout=5)
     assert time.monotonic() - started < 2.0
     assert sorted(lab.kubelet.devices[RES]) == ["0000:00:0a.0"]
-    deadline = time.monotonic() + 5
-    while lab.http("/readyz")[0] != 200 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_ready(lab)
     assert lab.http("/readyz") == (200, "ready: 1 pools registered\n")
     assert lab.http("/healthz")[0] == 200
 
@@ -100,7 +98,8 @@ def test_metrics_endpoint(lab):
     lab.kubelet.allocate(RES, 1)
     lab.cable("ens11", False)
     lab.kubelet.wait_health(RES, {"0000:00:0a.0": "Healthy", "0000:00:0b.0": "Unhealthy"})
-    status, text = _http_when_up(lab, "/metrics")
+    _wait_ready(lab)
+    status, text = lab.http("/metrics")
     assert status == 200
     assert f'virtdp_devices{{health="Healthy",resource="{RES}"}} 1.0' in text
     assert f'virtdp_devices{{health="Unhealthy",resource="{RES}"}} 1.0' in text
@@ -111,6 +110,12 @@ def test_metrics_endpoint(lab):
     sent = [ln for ln in text.splitlines() if ln.startswith("virtdp_list_and_watch_updates_total")]
     assert sent and float(sent[0].split()[-1]) >= 2
     assert lab.http("/nope")[0] == 404
+
+
+def _wait_ready(lab, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while _http_when_up(lab, "/readyz")[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _http_when_up(lab, path, timeout=10.0):

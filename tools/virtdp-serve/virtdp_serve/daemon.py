@@ -2,9 +2,10 @@
 the loops that keep them right.
 
 Threads: the scanner (full inventory scans, every SCAN_INTERVAL and on request), the link
-watcher (netlink events), one registrar per pool, the gRPC servers' workers, the metrics HTTP
-server. The main thread runs `run()`: it handles signals and every WATCH_INTERVAL checks the
-kubelet's directory (our sockets still there? kubelet.sock recreated?) and the config file.
+watcher (netlink events), the carrier probe, one registrar per pool, the gRPC servers' workers,
+the metrics HTTP server. The main thread runs `run()`: it handles signals and every
+WATCH_INTERVAL checks the kubelet's directory (our sockets still there? kubelet.sock
+recreated?) and the config file.
 All reconfiguration happens on the main thread.
 """
 
@@ -21,7 +22,7 @@ from virtcore import discovery, pools
 from virtcore.kubelet import registration
 from virtdp_serve import metrics
 from virtdp_serve.inventory import Inventory
-from virtdp_serve.linkwatch import LinkWatcher
+from virtdp_serve.linkwatch import CarrierProbe, LinkWatcher
 from virtdp_serve.plugin import PoolPlugin, file_identity
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Daemon:
             # Bound here, before any plugin socket exists: a bad address fails the start.
             self._metrics = metrics.MetricsServer(metrics_address, self.ready)
         self._links = LinkWatcher(self.inventory, self.request_rescan)
+        self._probe = CarrierProbe(self.inventory)
         self._scanner = threading.Thread(target=self._scan_loop, name="scanner", daemon=True)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -78,6 +80,7 @@ class Daemon:
         """First scan, watchers, then every pool's server (each then registers by itself)."""
         self.inventory.rescan("start")
         self._links.start()
+        self._probe.start()
         self._scanner.start()
         if self._metrics is not None:
             self._metrics.start()
@@ -121,6 +124,7 @@ class Daemon:
         for plugin in list(self.plugins.values()):
             plugin.stop()
         self._links.stop()
+        self._probe.stop()
         self._rescan.set()
         if self._scanner.is_alive():
             self._scanner.join(timeout=2)

@@ -34,6 +34,7 @@ class Device:
     ifname: Optional[str]
     ifindex: Optional[int]
     visible: bool
+    admin_up: Optional[bool] = None
 
     @property
     def health(self) -> str:
@@ -140,6 +141,7 @@ class Inventory:
                         ifname=nic.ifname,
                         ifindex=nic.ifindex,
                         visible=nic.visible,
+                        admin_up=nic.admin_up,
                     )
                 changed = self._advertised(new) != self._advertised(self._devices)
                 for addr in set(self._devices) - set(new):
@@ -190,6 +192,8 @@ class Inventory:
                 # Moving a link to another namespace downs it first: this may be an unhealthy
                 # NIC on its way into a pod, which must keep its state. The scan tells.
                 return True
+            if dev.admin_up != admin_up:
+                self._devices[dev.pci_address] = dev = replace(dev, admin_up=admin_up)
             if healthy == dev.healthy:
                 return renamed
             log.info(
@@ -204,6 +208,34 @@ class Inventory:
             self._devices[dev.pci_address] = replace(dev, healthy=healthy)
             self._changed()
             return renamed
+
+    def probe_targets(self) -> List[Tuple[str, str]]:
+        """(PCI address, ifname) of healthy, visible, admin-up devices: where a carrier loss
+        must be caught before the kernel gets round to announcing it."""
+        with self.cond:
+            return [
+                (d.pci_address, d.ifname)
+                for d in self._devices.values()
+                if d.healthy and d.visible and d.admin_up and d.ifname
+            ]
+
+    def carrier_lost(self, pci_address: str, ifname: str) -> bool:
+        """The carrier probe saw no carrier on a device it was told is healthy and up."""
+        with self.cond:
+            dev = self._devices.get(pci_address)
+            if dev is None or not dev.healthy or not dev.admin_up or dev.ifname != ifname:
+                return False
+            self._event_seq += 1
+            self._last_event[pci_address] = self._event_seq
+            log.info(
+                "device %s (%s) of %s is now Unhealthy (carrier lost)",
+                pci_address,
+                ifname,
+                dev.pool,
+            )
+            self._devices[pci_address] = replace(dev, healthy=False)
+            self._changed()
+            return True
 
     # -- internals -------------------------------------------------------------------------
     @staticmethod

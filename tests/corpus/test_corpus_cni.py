@@ -1,0 +1,184 @@
+"""Malformed CNI invocations (tests/corpus/cni/*.json, one case per file) against ehost-device as
+shipped: each must fail with its expected CNI error code and a message naming what was wrong,
+as a well-formed CNI error on stdout, and leave the node's NIC exactly where and how it was.
+
+A case file holds:
+- `description`: what is wrong;
+- `env`: CNI_* variables to change (null removes one) over a valid ADD environment;
+- `stdin_patch` (a JSON merge patch, RFC 7386, over a valid config naming the real NIC), or
+  `stdin_raw` (text sent as is), or `stdin_base64` (bytes);
+- `expect`: `code` and a `fragment` that msg or details must contain;
+- `names_real_nic`: the invocation names the node's NIC (it is checked untouched either way).
+
+Placeholders: @PCI@ the real NIC, @E1000@ a non-virtio NIC, @UNBOUND@ a virtio device without
+virtio_net, @ABSENT@ an address with nothing there, @SYSFS@, @IPAM_DIR@.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, Iterator
+
+import pytest
+from fakesysfs import FakeSysfs
+from netlab import Netns, ip, tag, veth
+from toolrun import tool_command
+
+CASES = sorted((Path(__file__).parent / "cni").glob("*.json"))
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
+class CorpusNode:
+    def __init__(self, tmp: Path) -> None:
+        self.node = Netns("vcn")
+        self.wire = Netns("vcw")
+        self.pod = Netns("vcp")
+        dom = f"{random.randint(0x1000, 0xFFFF):04x}"
+        self.places = {
+            "@PCI@": f"{dom}:00:05.0",
+            "@E1000@": f"{dom}:00:06.0",
+            "@UNBOUND@": f"{dom}:00:07.0",
+            "@ABSENT@": f"{dom}:00:1f.0",
+        }
+        self.sysfs = FakeSysfs(tmp / "sys")
+        veth(self.node, "ens5", self.wire, "wens5")
+        self.sysfs.add_virtio_nic(self.places["@PCI@"], "ens5", mac=self.state()["mac"])
+        self.sysfs.add_non_virtio_nic(self.places["@E1000@"], "ens6")
+        self.sysfs.add_virtio_nic(self.places["@UNBOUND@"], None, driver=None)
+        self.ipam_dir = tmp / "ipam"
+        self.places["@SYSFS@"] = str(self.sysfs.root)
+        self.places["@IPAM_DIR@"] = str(self.ipam_dir)
+
+    def state(self) -> Dict[str, Any]:
+        link = json.loads(ip("-j", "link", "show", "dev", "ens5", ns=self.node.name).stdout)[0]
+        return {
+            "name": link["ifname"],
+            "mac": link["address"],
+            "mtu": link["mtu"],
+            "flags": sorted(link["flags"]),
+            "alias": link.get("ifalias"),
+        }
+
+    def pod_links(self) -> list:
+        out = json.loads(ip("-j", "link", "show", ns=self.pod.name).stdout)
+        return sorted(link["ifname"] for link in out)
+
+    def leases(self) -> list:
+        d = self.ipam_dir / "corpus"
+        if not d.is_dir():
+            return []
+        return sorted(p.name for p in d.iterdir() if p.name != "lock" and "last_" not in p.name)
+
+    def fill(self, text: str) -> str:
+        for k, v in self.places.items():
+            text = text.replace(k, v)
+        return text
+
+    def close(self) -> None:
+        for ns in (self.pod, self.wire, self.node):
+            ns.close()
+
+
+@pytest.fixture(scope="module")
+def corpus_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CorpusNode]:
+    lab = CorpusNode(tmp_path_factory.mktemp("corpus"))
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def test_corpus_is_big_enough():
+    assert len(CASES) >= 50, f"only {len(CASES)} CNI cases in tests/corpus/cni"
+
+
+@pytest.mark.parametrize("case_file", CASES, ids=[p.stem for p in CASES])
+def test_bad_cni_invocation(case_file: Path, corpus_node: CorpusNode, figures):
+    case = json.loads(corpus_node.fill(case_file.read_text()))
+    assert set(case) <= {
+        "description",
+        "env",
+        "stdin_patch",
+        "stdin_raw",
+        "stdin_base64",
+        "expect",
+        "names_real_nic",
+    }, f"{case_file.name}: unknown keys"
+    env = {
+        "PATH": PATH,
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": f"corpus{tag(8)}",
+        "CNI_NETNS": corpus_node.pod.path,
+        "CNI_IFNAME": "net1",
+        "CNI_PATH": "/usr/lib/cni",
+        "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=corpus",
+    }
+    argv = tool_command("ehost-device")
+    if not argv[0].endswith(".pex") and os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    for k, v in case.get("env", {}).items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    base = {
+        "cniVersion": "1.0.0",
+        "name": "corpus",
+        "type": "ehost-device",
+        "deviceID": corpus_node.places["@PCI@"],
+        "sysfsRoot": corpus_node.places["@SYSFS@"],
+        "ipam": {
+            "type": "host-local",
+            "dataDir": corpus_node.places["@IPAM_DIR@"],
+            "ranges": [[{"subnet": "203.0.113.0/24"}]],
+        },
+    }
+    if "stdin_raw" in case:
+        data = case["stdin_raw"].encode()
+    elif "stdin_base64" in case:
+        data = base64.b64decode(case["stdin_base64"])
+    else:
+        data = json.dumps(merge_patch(base, case.get("stdin_patch", {}))).encode()
+
+    before = corpus_node.state()
+    proc = subprocess.run(
+        ["ip", "netns", "exec", corpus_node.node.name, *argv],
+        env=env,
+        input=data,
+        capture_output=True,
+        timeout=60,
+    )
+    figures.add(bad_inputs_tried=1)
+    stdout, stderr = proc.stdout.decode(), proc.stderr.decode(errors="replace")
+    assert proc.returncode != 0, f"{case['description']}: accepted: {stdout}"
+    assert "Traceback" not in stderr, stderr
+    err = json.loads(stdout)
+    assert set(err) == {"cniVersion", "code", "msg", "details"}, err
+    assert err["code"] == case["expect"]["code"], f"{case['description']}: {err}"
+    fragment = case["expect"]["fragment"]
+    assert fragment in err["msg"] + " " + err["details"], f"{fragment!r} not in {err}"
+
+    after = corpus_node.state()
+    lost = after != before or corpus_node.pod_links() != ["lo"]
+    leaked = corpus_node.leases()
+    figures.add(nics_lost=int(lost), leases_leaked=len(leaked))
+    assert after == before, f"the NIC changed: {before} -> {after}"
+    assert corpus_node.pod_links() == ["lo"]
+    assert leaked == []
