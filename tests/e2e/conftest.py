@@ -23,7 +23,7 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:  #
 @pytest.fixture
 def node(tmp_path: Path, figures: e2e_figures.Figures) -> Iterator[Node]:
     """A node with 8 NICs, the test kubelet and virtdp-serve running, all 8 advertised Healthy."""
-    lab = Node.make(tmp_path, figures)
+    lab = Node(tmp_path, figures)
     try:
         lab.start()
         lab.account()

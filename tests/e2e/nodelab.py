@@ -58,6 +58,38 @@ NETWORK = "virtnet"
 SUBNET = "198.51.100.0/24"
 
 
+ROOT_PREFIX = "vde-"
+OWNER_FILE = "owner.json"
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """The process's start time (field 22 of /proc/<pid>/stat): a pid alone may be reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def sweep_stale() -> None:
+    """Remove the namespaces and trees of nodes whose test process died without its teardown
+    (SIGKILL, a cancelled Pants sandbox). Nodes of live processes, e.g. a second test run at
+    the same time, are left alone."""
+    for root in Path("/tmp").glob(ROOT_PREFIX + "*"):
+        try:
+            owner = json.loads((root / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or being created right now
+        if _start_time(owner["pid"]) == owner["start"]:
+            continue
+        serve = owner.get("serve")
+        if serve and _start_time(serve[0]) == serve[1]:
+            os.kill(serve[0], signal.SIGKILL)  # the dead run's own daemon
+        for name in owner["namespaces"]:
+            ip("netns", "del", name, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class NicSpec:
     pci_address: str
@@ -145,12 +177,22 @@ def parse_cni(proc: subprocess.CompletedProcess) -> CniRun:
 
 
 class Node:
-    """One node; use `Node.make(tmp_path, figures)` and always `close()`."""
+    """One node; always `close()` it (a failed build cleans up after itself)."""
 
     def __init__(self, tmp_path: Path, figures: Figures, *, nics: int = NIC_COUNT) -> None:
+        try:
+            self._build(tmp_path, figures, nics)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, tmp_path: Path, figures: Figures, nics: int) -> None:
         self.figures = figures
+        sweep_stale()
         # Unix socket paths are limited to 107 bytes: keep the tree short, not under tmp_path.
-        self.root = Path(tempfile.mkdtemp(prefix="vde-", dir="/tmp"))
+        self.root = Path(tempfile.mkdtemp(prefix=ROOT_PREFIX, dir="/tmp"))
+        self.namespaces: List[Netns] = []
+        self._write_owner()
         self.tmp = tmp_path
         self.dp_dir = self.root / "dp"
         self.devinfo_dir = self.root / "devinfo"
@@ -160,7 +202,6 @@ class Node:
         self.sysfs = FakeSysfs(self.root / "sys")
         self.dp_dir.mkdir()
         self.serve_log = self.root / "serve.log"
-        self.namespaces: List[Netns] = []
         self.node = self._netns("ven")
         self.wire = self._netns("vew")
         ip("link", "add", "br0", "type", "bridge", ns=self.wire.name)
@@ -197,20 +238,27 @@ class Node:
         self.devinfo_current: set = set()  # ... written by the daemon running now
         self.pulled: set = set()  # PCI addresses whose cable is pulled
 
-    @classmethod
-    def make(cls, tmp_path: Path, figures: Figures, **kw) -> Node:  # type: ignore[no-untyped-def]
-        node = cls.__new__(cls)
-        try:
-            cls.__init__(node, tmp_path, figures, **kw)
-        except BaseException:
-            node.close()
-            raise
-        return node
-
     def _netns(self, prefix: str) -> Netns:
         ns = Netns(prefix)
         self.namespaces.append(ns)
+        self._write_owner()
         return ns
+
+    def _write_owner(self) -> None:
+        """Who owns this node, for `sweep_stale` after a run killed before its teardown."""
+        serve = getattr(self, "serve", None)
+        tmp = self.root / ".owner.tmp"
+        tmp.write_text(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "start": _start_time(os.getpid()),
+                    "namespaces": [ns.name for ns in self.namespaces],
+                    "serve": [serve.pid, _start_time(serve.pid)] if serve else None,
+                }
+            )
+        )
+        os.replace(tmp, self.root / OWNER_FILE)
 
     @staticmethod
     def _link(ns: Netns, name: str) -> dict:
@@ -241,6 +289,7 @@ class Node:
         ]
         self.serve = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
         log.close()
+        self._write_owner()
         self.devinfo_current = set()
         return self.serve
 
