@@ -192,6 +192,7 @@ class Node:
         # Unix socket paths are limited to 107 bytes: keep the tree short, not under tmp_path.
         self.root = Path(tempfile.mkdtemp(prefix=ROOT_PREFIX, dir="/tmp"))
         self.namespaces: List[Netns] = []
+        self._owner_lock = threading.Lock()  # pods are made from several threads at once
         self._write_owner()
         self.tmp = tmp_path
         self.dp_dir = self.root / "dp"
@@ -246,6 +247,10 @@ class Node:
 
     def _write_owner(self) -> None:
         """Who owns this node, for `sweep_stale` after a run killed before its teardown."""
+        with self._owner_lock:
+            self._write_owner_locked()
+
+    def _write_owner_locked(self) -> None:
         serve = getattr(self, "serve", None)
         tmp = self.root / ".owner.tmp"
         tmp.write_text(
