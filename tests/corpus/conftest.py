@@ -16,8 +16,10 @@ import e2e_figures  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def figures(request: pytest.FixtureRequest) -> Iterator[e2e_figures.Figures]:
-    yield from e2e_figures.session_fixture(request.config)
+def figures(
+    request: pytest.FixtureRequest, record_testsuite_property
+) -> Iterator[e2e_figures.Figures]:
+    yield from e2e_figures.session_fixture(request.config, record_testsuite_property)
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:  # type: ignore[no-untyped-def]

@@ -6,7 +6,6 @@ discovery fails, 2 on a usage or config error.
 
 from __future__ import annotations
 
-import enum
 import logging
 import sys
 import time
@@ -15,19 +14,16 @@ from typing import Annotated, Any, List, Mapping, Optional
 
 import typer
 
-from virtcore import discovery, pools, render
+from virtcore import command, discovery, pools, render
 from virtdp_discover import __version__
 
 log = logging.getLogger("virtdp-discover")
 
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+EXIT_FAILURE = command.EXIT_FAILURE
+EXIT_USAGE = command.EXIT_USAGE
 
 
-class Output(str, enum.Enum):
-    table = "table"
-    json = "json"
-    yaml = "yaml"
+Output = command.Output
 
 
 def _ifname(row: Mapping[str, Any]) -> str:
@@ -67,12 +63,6 @@ COLUMNS = [
 PROBLEMS = render.Column("problems", "problems")
 
 
-def _version(value: bool) -> None:
-    if value:
-        print(f"virtdp-discover {__version__}")
-        raise typer.Exit(0)
-
-
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -108,12 +98,7 @@ def run(
         Output, typer.Option("--output", "-o", help="table, json or yaml.")
     ] = Output.table,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", callback=_version, is_eager=True, help="Print the version and exit."
-        ),
-    ] = False,
+    version: Annotated[bool, command.version_option("virtdp-discover", __version__)] = False,
 ) -> None:
     logging.basicConfig(
         stream=sys.stderr,
@@ -147,10 +132,4 @@ def run(
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    try:
-        app(args=argv, prog_name="virtdp-discover")
-    except SystemExit as e:
-        if e.code is None:
-            return 0
-        return e.code if isinstance(e.code, int) else EXIT_FAILURE
-    return 0
+    return command.run(app, "virtdp-discover", argv)

@@ -8,29 +8,24 @@ what is inspected cannot be read (or fails its checks), 2 on a usage error.
 
 from __future__ import annotations
 
-import enum
 import os
 import sys
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Annotated, Any, List, Mapping, Optional, Sequence
 
 import typer
-from typing_extensions import Annotated
 
-from virtcore import checkpoint, discovery, plumbed, render
+from virtcore import checkpoint, command, discovery, plumbed, render
 from virtcore.kubelet import podresources
 from virtdp_inspect import __version__
 
 PROG = "virtdp-inspect"
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+EXIT_FAILURE = command.EXIT_FAILURE
+EXIT_USAGE = command.EXIT_USAGE
 DEFAULT_TIMEOUT = 3.0
 
 
-class Output(str, enum.Enum):
-    table = "table"
-    json = "json"
-    yaml = "yaml"
+Output = command.Output
 
 
 def _say(message: str) -> None:
@@ -65,12 +60,6 @@ def _sysfs(value: Path) -> Path:
             f"{value} is not a sysfs tree (no bus/pci/devices), expected /sys or a captured tree"
         )
     return value
-
-
-def _version(value: bool) -> None:
-    if value:
-        print(f"{PROG} {__version__}")
-        raise typer.Exit(0)
 
 
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table, json or yaml.")]
@@ -129,12 +118,7 @@ app = typer.Typer(
 
 @app.callback()
 def _root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", callback=_version, is_eager=True, help="Print the version and exit."
-        ),
-    ] = False,
+    version: Annotated[bool, command.version_option(PROG, __version__)] = False,
 ) -> None:
     pass
 
@@ -438,45 +422,5 @@ def netns(
     )
 
 
-def _click_kind(e: BaseException) -> Optional[str]:
-    # typer vendors click in recent releases and uses click itself in older ones: match by name.
-    names = {c.__name__ for c in type(e).__mro__}
-    for kind in ("NoArgsIsHelpError", "UsageError", "ClickException", "Abort", "Exit"):
-        if kind in names:
-            return kind
-    return None
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    try:
-        # Not standalone: usage errors come back here to be printed as one plain line.
-        rv = app(args=argv, prog_name=PROG, standalone_mode=False)
-    except SystemExit as e:
-        if e.code is None:
-            return 0
-        return e.code if isinstance(e.code, int) else EXIT_FAILURE
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line, never a traceback, for the operator
-        kind = _click_kind(e)
-        if kind == "NoArgsIsHelpError":
-            ctx = getattr(e, "ctx", None)
-            print(ctx.get_help() if ctx is not None else str(e), file=sys.stderr)
-            return EXIT_USAGE
-        if kind == "UsageError":
-            ctx = getattr(e, "ctx", None)
-            where = f"{ctx.command_path}: " if ctx is not None else ""
-            _say(f"usage error: {where}{e.format_message()} (see --help)")  # type: ignore[attr-defined]
-            return EXIT_USAGE
-        if kind == "ClickException":
-            _say(f"error: {e.format_message()}")  # type: ignore[attr-defined]
-            return int(getattr(e, "exit_code", EXIT_FAILURE))
-        if kind == "Abort":
-            return 130
-        if kind == "Exit":
-            return int(getattr(e, "exit_code", 0))
-        if os.environ.get("VIRTDP_DEBUG"):
-            raise
-        _say(f"internal error: {type(e).__name__}: {e} (set VIRTDP_DEBUG=1 for a traceback)")
-        return EXIT_FAILURE
-    return rv if isinstance(rv, int) else 0
+    return command.run(app, PROG, argv)

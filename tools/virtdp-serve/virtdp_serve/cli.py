@@ -10,30 +10,23 @@ import enum
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
-from typing_extensions import Annotated
 
-from virtcore import devinfo, discovery, pools
+from virtcore import command, devinfo, discovery, pools
 from virtcore.kubelet import registration
 from virtdp_serve import __version__, logs, metrics
 
 log = logging.getLogger("virtdp-serve")
 
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+EXIT_FAILURE = command.EXIT_FAILURE
+EXIT_USAGE = command.EXIT_USAGE
 
 
 class LogFormat(str, enum.Enum):
     text = "text"
     json = "json"
-
-
-def _version(value: bool) -> None:
-    if value:
-        print(f"virtdp-serve {__version__}")
-        raise typer.Exit(0)
 
 
 def _fail(code: int, message: str) -> typer.Exit:
@@ -89,12 +82,7 @@ def run(
     verbose: Annotated[
         int, typer.Option("--verbose", "-v", count=True, help="Debug logs (-vv: library too).")
     ] = 0,
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", callback=_version, is_eager=True, help="Print the version and exit."
-        ),
-    ] = False,
+    version: Annotated[bool, command.version_option("virtdp-serve", __version__)] = False,
 ) -> None:
     logs.setup(log_format.value, verbose)
     from virtdp_serve.daemon import Daemon  # after logging: its imports are the heavy part
@@ -149,13 +137,7 @@ def run(
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    try:
-        app(args=argv, prog_name="virtdp-serve")
-    except SystemExit as e:
-        if e.code is None:
-            return 0
-        return e.code if isinstance(e.code, int) else EXIT_FAILURE
-    return 0
+    return command.run(app, "virtdp-serve", argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
