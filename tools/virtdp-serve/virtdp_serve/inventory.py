@@ -210,30 +210,33 @@ class Inventory:
             return renamed
 
     def probe_targets(self) -> List[Tuple[str, str]]:
-        """(PCI address, ifname) of healthy, visible, admin-up devices: where a carrier loss
-        must be caught before the kernel gets round to announcing it."""
+        """(PCI address, ifname) of visible, admin-up devices: where a carrier change must be
+        caught before the kernel gets round to announcing it (it batches link notifications
+        to about one a second)."""
         with self.cond:
             return [
                 (d.pci_address, d.ifname)
                 for d in self._devices.values()
-                if d.healthy and d.visible and d.admin_up and d.ifname
+                if d.visible and d.admin_up and d.ifname
             ]
 
-    def carrier_lost(self, pci_address: str, ifname: str) -> bool:
-        """The carrier probe saw no carrier on a device it was told is healthy and up."""
+    def carrier_probed(self, pci_address: str, ifname: str, carrier: bool) -> bool:
+        """The carrier probe read `carrier` on an admin-up device: apply it if health differs."""
         with self.cond:
             dev = self._devices.get(pci_address)
-            if dev is None or not dev.healthy or not dev.admin_up or dev.ifname != ifname:
+            if dev is None or not dev.admin_up or dev.ifname != ifname or dev.healthy == carrier:
                 return False
             self._event_seq += 1
             self._last_event[pci_address] = self._event_seq
             log.info(
-                "device %s (%s) of %s is now Unhealthy (carrier lost)",
+                "device %s (%s) of %s is now %s (carrier %s)",
                 pci_address,
                 ifname,
                 dev.pool,
+                HEALTHY if carrier else UNHEALTHY,
+                "back" if carrier else "lost",
             )
-            self._devices[pci_address] = replace(dev, healthy=False)
+            self._devices[pci_address] = replace(dev, healthy=carrier)
             self._changed()
             return True
 

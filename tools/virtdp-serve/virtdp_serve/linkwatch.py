@@ -157,7 +157,7 @@ def link_detected(sock: socket.socket, ifname: str) -> Optional[bool]:
 
 
 class CarrierProbe:
-    """Catches carrier loss on healthy, admin-up NICs within PROBE_INTERVAL."""
+    """Catches carrier loss and return on admin-up NICs within PROBE_INTERVAL."""
 
     def __init__(self, inventory: Inventory) -> None:
         self._inventory = inventory
@@ -181,5 +181,5 @@ class CarrierProbe:
                     except OSError as e:
                         log.debug("carrier probe of %s failed: %s", ifname, e)
                         continue
-                    if carrier is False:
-                        self._inventory.carrier_lost(pci_address, ifname)
+                    if carrier is not None:
+                        self._inventory.carrier_probed(pci_address, ifname, carrier)
