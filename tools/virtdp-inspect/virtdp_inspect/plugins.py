@@ -18,11 +18,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import grpc
 
 from virtcore import checkpoint
-from virtcore.kubelet import channel, deviceplugin_pb2, deviceplugin_pb2_grpc, podresources
+from virtcore.kubelet import (
+    channel,
+    deviceplugin_pb2,
+    deviceplugin_pb2_grpc,
+    podresources,
+    registration,
+)
 
-DEFAULT_DIR = "/var/lib/kubelet/device-plugins"
-KUBELET_SOCKET = "kubelet.sock"
-CHECKPOINT_NAME = "kubelet_internal_checkpoint"
+DEFAULT_DIR = registration.DEFAULT_DEVICE_PLUGIN_DIR
+KUBELET_SOCKET = registration.KUBELET_SOCKET_NAME
+CHECKPOINT_NAME = registration.CHECKPOINT_NAME
 
 OK, FAILED, SKIPPED = "ok", "error", "skipped"
 
