@@ -153,20 +153,40 @@ def check_namespace(path: str) -> None:
         os.close(fd)
 
 
+_LIBC: Any = None
+
+
+def _libc() -> Any:
+    """The C library for pyroute2's namespace helper.
+
+    Given none, the forked helper looks libc up with `ctypes.util.find_library`, which runs
+    `ldconfig -p` in a subprocess: ~5 ms on every namespace socket. The process's own symbol
+    table (`dlopen(NULL)`) already has `syscall`, on glibc and musl alike.
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
 @contextlib.contextmanager
 def open_ns(path: Optional[str] = None) -> Iterator[Any]:
     """An IPRoute socket inside the namespace at `path` (None: the caller's own namespace).
 
     pyroute2 opens the socket in a forked helper, so the calling thread never changes its
     namespace; `flags=0` because pyroute2 would otherwise create a missing namespace.
+    `groups=0`: we only ask and are answered, so the socket joins no multicast group and the
+    kernel queues no notifications of our own link changes on it.
     """
     IPRoute, _ = _pyroute2()
     if path is None:
-        ipr = IPRoute()
+        ipr = IPRoute(groups=0)
     else:
         check_namespace(path)
         try:
-            ipr = IPRoute(netns=path, flags=0)
+            ipr = IPRoute(netns=path, flags=0, groups=0, libc=_libc())
         except FileNotFoundError:
             raise NamespaceNotFound(f"network namespace {path} does not exist") from None
     try:
@@ -181,7 +201,7 @@ def _unshare_net() -> None:
         return
     import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
     if libc.unshare(CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -354,6 +374,17 @@ def _set(ipr: Any, index: int, what: str, **kw: Any) -> None:
         raise _fail(what, e) from None
 
 
+def _reset(ipr: Any, name: str, index: int, what: str, **kw: Any) -> None:
+    """An undo's `_set` on the link now named `name` in `ipr`'s namespace.
+
+    Undo steps run after the later steps were undone, so the link is back under the name it
+    had right after this step, but maybe not under the same index: a move renumbers a link
+    whose index is taken in the destination, and moving back keeps the new number.
+    """
+    now = link_by_name(ipr, name)
+    _set(ipr, now.index if now is not None else index, what, **kw)
+
+
 def set_up(
     ipr: Any, link: Link, up: bool = True, *, undo: Optional[contextlib.ExitStack] = None
 ) -> None:
@@ -364,7 +395,7 @@ def set_up(
         _register(
             undo,
             f"{link.name} {state}",
-            lambda: _set(ipr, link.index, f"setting {link.name} {back}", state=back),
+            lambda: _reset(ipr, link.name, link.index, f"setting {link.name} {back}", state=back),
         )
 
 
@@ -377,7 +408,9 @@ def set_alias(
     _register(
         undo,
         f"alias of {link.name}",
-        lambda: _set(ipr, link.index, f"restoring the alias of {link.name}", ifalias=old),
+        lambda: _reset(
+            ipr, link.name, link.index, f"restoring the alias of {link.name}", ifalias=old
+        ),
     )
 
 
@@ -390,7 +423,7 @@ def rename(ipr: Any, link: Link, name: str, *, undo: Optional[contextlib.ExitSta
     _register(
         undo,
         f"rename {old} -> {name}",
-        lambda: _set(ipr, link.index, f"renaming {name} back to {old}", ifname=old),
+        lambda: _reset(ipr, name, link.index, f"renaming {name} back to {old}", ifname=old),
     )
     return _replace(link, name=name)
 
@@ -403,7 +436,7 @@ def set_mtu(ipr: Any, link: Link, mtu: int, *, undo: Optional[contextlib.ExitSta
     _register(
         undo,
         f"MTU of {link.name}",
-        lambda: _set(ipr, link.index, f"restoring the MTU of {link.name}", mtu=old),
+        lambda: _reset(ipr, link.name, link.index, f"restoring the MTU of {link.name}", mtu=old),
     )
     return _replace(link, mtu=mtu)
 
@@ -417,7 +450,9 @@ def set_mac(ipr: Any, link: Link, mac: str, *, undo: Optional[contextlib.ExitSta
     _register(
         undo,
         f"MAC of {link.name}",
-        lambda: _set(ipr, link.index, f"restoring the MAC of {link.name}", address=old),
+        lambda: _reset(
+            ipr, link.name, link.index, f"restoring the MAC of {link.name}", address=old
+        ),
     )
     return _replace(link, mac=mac)
 
@@ -429,32 +464,72 @@ def move(
     dst_path: str,
     src_path: str,
     *,
+    name: Optional[str] = None,
     undo: Optional[contextlib.ExitStack] = None,
 ) -> Link:
     """Move `link` from the namespace of socket `src` into the one at `dst_path` (socket `dst`).
 
-    Returns the link as the destination shows it (the kernel may give it a new index). The
-    undo moves it back into `src_path`. The link keeps its name: a clash in the destination
-    fails with LinkExists and leaves the link where it was.
+    Returns the link as the destination shows it (the kernel may give it a new index).
+
+    Without `name` the link keeps its name: a clash in the destination fails with LinkExists
+    and leaves the link where it was. The undo moves it back into `src_path`.
+
+    With `name` the move and the rename are one request: the kernel renames the link as it
+    arrives, under the rtnl lock, so the source namespace never sees the new name and a
+    destination link named like the old one is no clash. Should the new name be taken in the
+    destination, the kernel may have moved the link before refusing the rename: it is moved
+    back and LinkExists raised. The undo gives the link its old name back where it is, then
+    moves it back (one request again when the old name is taken there), so `src_path` never
+    sees the new name either.
     """
+    kw = {} if name is None or name == link.name else {"ifname": name}
     fd = open_ns_fd(dst_path)
     try:
-        _set(src, link.index, f"moving {link.name} into {dst_path}", net_ns_fd=fd)
+        _set(src, link.index, f"moving {link.name} into {dst_path}", net_ns_fd=fd, **kw)
+    except LinkExists:
+        if kw:
+            _return_stray(dst, link, src_path)
+        raise
     finally:
         os.close(fd)
-    moved = link_by_name(dst, link.name)
+    new_name = kw.get("ifname", link.name)
+    moved = link_by_name(dst, new_name)
     if moved is None:
         raise LinkNotFound(f"{link.name} vanished while moving into {dst_path}")
 
     def back() -> None:
+        now = link_by_name(dst, moved.name) or moved
+        kw_back = {}
+        if now.name != link.name:
+            try:
+                if link_by_name(dst, link.name) is not None:
+                    raise LinkExists(f"{link.name} is taken in {dst_path}")
+                now = rename(dst, now, link.name)
+            except NetnsError:  # the kernel renames it as it arrives instead
+                kw_back["ifname"] = link.name
         fd_back = open_ns_fd(src_path)
         try:
-            _set(dst, moved.index, f"moving {moved.name} back", net_ns_fd=fd_back)
+            _set(dst, now.index, f"moving {now.name} back", net_ns_fd=fd_back, **kw_back)
         finally:
             os.close(fd_back)
 
     _register(undo, f"move of {link.name} into {dst_path}", back)
     return moved
+
+
+def _return_stray(dst: Any, link: Link, src_path: str) -> None:
+    """After a refused move-and-rename: if the link did arrive (under its old name), send it
+    back, so that a failed move leaves the link where it was."""
+    stray = link_by_name(dst, link.name)
+    if stray is None or stray.mac != link.mac:
+        return
+    fd_back = open_ns_fd(src_path)
+    try:
+        _set(dst, stray.index, f"moving {stray.name} back", net_ns_fd=fd_back)
+    except NetnsError as e:
+        log.error("could not move %s back after a refused rename: %s", link.name, e)
+    finally:
+        os.close(fd_back)
 
 
 def add_address(

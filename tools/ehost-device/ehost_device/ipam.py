@@ -37,30 +37,80 @@ def find(ipam_type: str, cni_path: List[str]) -> str:
     )
 
 
-def _exec(
-    exe: str, command: str, environ: Mapping[str, str], config: Dict[str, Any]
-) -> Optional[Dict[str, Any]]:
-    env = dict(environ)
-    env["CNI_COMMAND"] = command
-    try:
-        proc = subprocess.run(
-            [exe],
-            input=json.dumps(config).encode(),
-            stdout=subprocess.PIPE,
-            stderr=None,  # the delegated plugin's stderr is ours (spec, section 4)
-            env=env,
-            check=False,
-        )
-    except OSError as e:
-        raise CniError(E_IPAM, f"cannot run IPAM plugin {exe}", str(e)) from None
-    out = proc.stdout.decode("utf-8", "replace").strip()
+# A write this size into an empty pipe never blocks (Linux pipes hold 64 KiB): a config up to
+# it is handed over whole when the plugin starts.
+_PIPE_SAFE = 65536
+
+
+class Call:
+    """One run of an IPAM plugin, started at once; `result()` waits for its answer.
+
+    Started early, the plugin (a separate process) works while this one carries on (imports
+    pyroute2, moves the NIC). A config too big to hand over at once makes the call start in
+    `result()` instead: a half-written stdin must not be inherited by our forked helpers.
+    """
+
+    def __init__(
+        self, exe: str, command: str, environ: Mapping[str, str], config: Dict[str, Any]
+    ) -> None:
+        self.exe = exe
+        self.command = command
+        self._env = dict(environ)
+        self._env["CNI_COMMAND"] = command
+        self._data = json.dumps(config).encode()
+        self._proc: Optional[subprocess.Popen] = None
+        if len(self._data) <= _PIPE_SAFE:
+            self._proc = self._spawn()
+            assert self._proc.stdin is not None
+            try:
+                self._proc.stdin.write(self._data)
+                self._proc.stdin.close()
+            except BrokenPipeError:  # it exited without reading: its status says why
+                pass
+
+    def _spawn(self) -> subprocess.Popen:
+        try:
+            return subprocess.Popen(
+                [self.exe],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=None,  # the delegated plugin's stderr is ours (spec, section 4)
+                env=self._env,
+            )
+        except OSError as e:
+            raise CniError(E_IPAM, f"cannot run IPAM plugin {self.exe}", str(e)) from None
+
+    def result(self) -> Optional[Dict[str, Any]]:
+        if self._proc is None:
+            proc = self._proc = self._spawn()
+            out_b, _ = proc.communicate(self._data)
+        else:
+            proc = self._proc
+            assert proc.stdout is not None
+            out_b = proc.stdout.read()
+            proc.stdout.close()
+            proc.wait()
+        return _answer(self.exe, self.command, proc.returncode, out_b)
+
+    def wait(self) -> None:
+        """Reap the plugin, its answer unread (the caller already has an error to report)."""
+        if self._proc is None:
+            return
+        try:
+            self.result()
+        except CniError:
+            pass
+
+
+def _answer(exe: str, command: str, returncode: int, out_b: bytes) -> Optional[Dict[str, Any]]:
+    out = out_b.decode("utf-8", "replace").strip()
     parsed: Any = None
     if out:
         try:
             parsed = json.loads(out)
         except ValueError:
             parsed = None
-    if proc.returncode != 0:
+    if returncode != 0:
         name = os.path.basename(exe)
         if isinstance(parsed, dict) and isinstance(parsed.get("code"), int):
             raise CniError(
@@ -70,7 +120,7 @@ def _exec(
             )
         raise CniError(
             E_IPAM,
-            f"IPAM plugin {name} {command} failed with exit status {proc.returncode}",
+            f"IPAM plugin {name} {command} failed with exit status {returncode}",
             out[:500],
         )
     if not out:
@@ -84,6 +134,60 @@ def _exec(
     return parsed
 
 
+def _exec(
+    exe: str, command: str, environ: Mapping[str, str], config: Dict[str, Any]
+) -> Optional[Dict[str, Any]]:
+    return Call(exe, command, environ, config).result()
+
+
+class Delegation:
+    """ADD, DEL or CHECK on the IPAM plugin, started at once (see `Call`); `result()` gives
+    its result (ADD) or None, asking again at a lower version if the plugin refuses ours."""
+
+    def __init__(
+        self,
+        ipam_type: str,
+        command: str,
+        environ: Mapping[str, str],
+        config: Dict[str, Any],
+        cni_path: List[str],
+    ) -> None:
+        self.ipam_type = ipam_type
+        self.environ = environ
+        self.config = config
+        self.exe = find(ipam_type, cni_path)
+        self.call = Call(self.exe, command, environ, config)
+
+    def result(self) -> Optional[Dict[str, Any]]:
+        try:
+            return self.call.result()
+        except CniError as e:
+            lower = FALLBACK.get(str(self.config.get("cniVersion")))
+            if e.code != E_INCOMPATIBLE_VERSION or lower is None:
+                raise
+            log.info(
+                "IPAM plugin %s refuses %s; asking at %s",
+                self.ipam_type,
+                self.config["cniVersion"],
+                lower,
+            )
+            return _exec(self.exe, self.call.command, self.environ, lowered(self.config, lower))
+
+    def wait(self) -> None:
+        self.call.wait()
+
+
+def start(
+    ipam_type: str,
+    command: str,
+    environ: Mapping[str, str],
+    config: Dict[str, Any],
+    cni_path: List[str],
+) -> Delegation:
+    """Start ADD, DEL or CHECK on the IPAM plugin; `.result()` waits for it."""
+    return Delegation(ipam_type, command, environ, config, cni_path)
+
+
 def run(
     ipam_type: str,
     command: str,
@@ -92,15 +196,7 @@ def run(
     cni_path: List[str],
 ) -> Optional[Dict[str, Any]]:
     """Run ADD, DEL or CHECK on the IPAM plugin; its result (ADD) or None."""
-    exe = find(ipam_type, cni_path)
-    try:
-        return _exec(exe, command, environ, config)
-    except CniError as e:
-        lower = FALLBACK.get(str(config.get("cniVersion")))
-        if e.code != E_INCOMPATIBLE_VERSION or lower is None:
-            raise
-        log.info("IPAM plugin %s refuses %s; asking at %s", ipam_type, config["cniVersion"], lower)
-        return _exec(exe, command, environ, lowered(config, lower))
+    return start(ipam_type, command, environ, config, cni_path).result()
 
 
 def lowered(config: Dict[str, Any], version: str) -> Dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import os
 import time
 from typing import Iterator
@@ -27,6 +26,8 @@ def lock_path(sysfs_root: str, pci_address: str, lock_dir: str = LOCK_DIR) -> st
     root = os.path.realpath(sysfs_root)
     if root == "/sys":
         return os.path.join(lock_dir, f"{pci_address}.lock")
+    import hashlib  # here: on /sys (every real node) its OpenSSL load is not needed
+
     tree = hashlib.sha256(root.encode()).hexdigest()[:16]
     return os.path.join(lock_dir, f"{pci_address}@{tree}.lock")
 

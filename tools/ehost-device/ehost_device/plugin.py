@@ -162,17 +162,15 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
             if nic.up:  # links are renamed, and MACs changed, while down
                 netns.set_up(host, nic, False, undo=undo)
             netns.set_alias(host, nic, mark.encode(), undo=undo)
-            # Renamed in a namespace of its own: no udev or NetworkManager races the rename on
-            # the host, and the host name cannot clash with a pod link of the same name.
-            tmp = hold.enter_context(netns.temporary_namespace())
-            tmpr = hold.enter_context(netns.open_ns(tmp))
-            link = netns.move(host, nic, tmpr, tmp, HOST_NS, undo=undo)
-            link = netns.rename(tmpr, link, env.ifname, undo=undo)
-            if c.mtu:
-                link = netns.set_mtu(tmpr, link, c.mtu, undo=undo)
+            # Moved and renamed in one request, so the rename happens as the NIC arrives in
+            # the pod: no udev or NetworkManager on the host races it, and the host name
+            # cannot clash with a pod link of the same name. One move, not two through a
+            # namespace of our own: a move costs the kernel two RCU grace periods.
+            link = netns.move(host, nic, pod, env.netns, HOST_NS, name=env.ifname, undo=undo)
+            if c.mtu:  # still down: the MAC and MTU change before anything uses the link
+                link = netns.set_mtu(pod, link, c.mtu, undo=undo)
             if c.mac:
-                link = netns.set_mac(tmpr, link, c.mac, undo=undo)
-            link = netns.move(tmpr, link, pod, env.netns, tmp, undo=undo)
+                link = netns.set_mac(pod, link, c.mac, undo=undo)
             netns.set_up(pod, link, True, undo=undo)
 
             got = res.Result()
@@ -251,7 +249,36 @@ def _add_result(
 
 
 def cmd_del(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
-    """Best effort, idempotent: give the NIC back if it is anywhere we can see, then IPAM DEL."""
+    """Best effort, idempotent: give the NIC back if it is anywhere we can see, and IPAM DEL.
+
+    The two do not depend on each other: IPAM DEL starts first and runs alongside. Errors are
+    reported NIC first, IPAM second.
+    """
+    pending: Optional[ipam.Delegation] = None
+    ipam_error: Optional[CniError] = None
+    if c.ipam_type:
+        try:
+            pending = ipam.start(c.ipam_type, "DEL", environ, c.raw, list(env.path))
+        except CniError as e:
+            ipam_error = e
+    try:
+        errors = _del_nic(env, c)
+    finally:
+        if pending is not None:
+            try:
+                pending.result()
+            except CniError as e:
+                ipam_error = e
+    if ipam_error is not None:
+        errors.append(ipam_error)
+    if errors:
+        first = errors[0]
+        if len(errors) > 1:
+            first.details = "; ".join(f"{e.msg}: {e.details}" for e in errors)
+        raise first
+
+
+def _del_nic(env: Env, c: Conf) -> List[CniError]:
     errors: List[CniError] = []
     with contextlib.ExitStack() as hold:
         host = hold.enter_context(netns.open_ns(None))
@@ -304,16 +331,7 @@ def cmd_del(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
                 errors.append(e)
         else:
             log.info("DEL %s: no NIC to give back", env.container_id)
-    if c.ipam_type:
-        try:
-            ipam.run(c.ipam_type, "DEL", environ, c.raw, list(env.path))
-        except CniError as e:
-            errors.append(e)
-    if errors:
-        first = errors[0]
-        if len(errors) > 1:
-            first.details = "; ".join(f"{e.msg}: {e.details}" for e in errors)
-        raise first
+    return errors
 
 
 def _give_back(
@@ -324,26 +342,36 @@ def _give_back(
     link: netns.Link,
     mark: alias.Mark,
 ) -> None:
-    """Move a marked NIC from `src` to the host under its host name and settings, via a
-    temporary namespace; on failure it stays where it was."""
+    """Move a marked NIC from `src` to the host under its host name and settings; on failure
+    it stays where it was.
+
+    The host must see the NIC arrive as it was, never under the pod's name (udev and
+    NetworkManager act on arrivals and renames). So it is renamed and reset before it moves:
+    in the pod itself, one move, when the pod has no link of the host name; else (the NIC is
+    on the host already, back from a namespace that died, or the pod has a link of that name)
+    in a temporary namespace of its own, two moves.
+    """
     with contextlib.ExitStack() as undo:
         if link.up:
             netns.set_up(src, link, False, undo=undo)
-        tmp = hold.enter_context(netns.temporary_namespace())
-        tmpr = hold.enter_context(netns.open_ns(tmp))
-        moved = netns.move(src, link, tmpr, tmp, src_path, undo=undo)
-        moved = netns.rename(tmpr, moved, mark.host_ifname, undo=undo)
+        if src_path != HOST_NS and netns.link_by_name(src, mark.host_ifname) is None:
+            work, work_path, moved = src, src_path, link
+        else:
+            work_path = hold.enter_context(netns.temporary_namespace())
+            work = hold.enter_context(netns.open_ns(work_path))
+            moved = netns.move(src, link, work, work_path, src_path, undo=undo)
+        moved = netns.rename(work, moved, mark.host_ifname, undo=undo)
         if mark.mtu is not None:
-            moved = netns.set_mtu(tmpr, moved, mark.mtu, undo=undo)
+            moved = netns.set_mtu(work, moved, mark.mtu, undo=undo)
         if mark.mac is not None:
-            moved = netns.set_mac(tmpr, moved, mark.mac, undo=undo)
+            moved = netns.set_mac(work, moved, mark.mac, undo=undo)
         if netns.link_by_name(host, mark.host_ifname) is not None:
             raise CniError(
                 cni.E_NETLINK,
                 f"cannot give {mark.pci_address} back as {mark.host_ifname}",
                 f"the host already has a link named {mark.host_ifname}; the NIC stays put",
             )
-        moved = netns.move(tmpr, moved, host, HOST_NS, tmp, undo=undo)
+        moved = netns.move(work, moved, host, HOST_NS, work_path, undo=undo)
         netns.set_alias(host, moved, None, undo=undo)
         if not mark.was_down:
             netns.set_up(host, moved, True, undo=undo)
@@ -376,13 +404,29 @@ def cmd_check(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
         raise CniError(
             cni.E_INVALID_CONFIG, "invalid network configuration: prevResult", str(e)
         ) from None
+    # IPAM CHECK starts first and runs alongside ours; ours is reported first.
+    pending: Optional[ipam.Delegation] = None
+    ipam_error: Optional[CniError] = None
+    if c.ipam_type:
+        try:
+            pending = ipam.start(c.ipam_type, "CHECK", environ, c.raw, list(env.path))
+        except CniError as e:
+            ipam_error = e
     try:
         with netns.open_ns(env.netns) as pod:
             _check_pod(env, c, pod, prev)
     except netns.NamespaceNotFound as e:
+        if pending is not None:
+            pending.wait()
         raise CniError(cni.E_NETNS_MISSING, "CNI_NETNS does not exist", str(e)) from None
-    if c.ipam_type:
-        ipam.run(c.ipam_type, "CHECK", environ, c.raw, list(env.path))
+    except BaseException:
+        if pending is not None:
+            pending.wait()
+        raise
+    if ipam_error is not None:
+        raise ipam_error
+    if pending is not None:
+        pending.result()
 
 
 def _check_pod(env: Env, c: Conf, pod: Any, prev: res.Result) -> None:
