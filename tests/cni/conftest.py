@@ -154,6 +154,7 @@ class Rig:
         env: Optional[Dict[str, str]] = None,
         drop: tuple = (),
         background: bool = False,
+        argv: Optional[List[str]] = None,
     ) -> Any:
         e = {
             "PATH": PATH,
@@ -167,8 +168,8 @@ class Rig:
         e.update(env or {})
         for k in drop:
             e.pop(k, None)
-        argv = tool_command("ehost-device")
-        if not argv[0].endswith(".pex") and os.environ.get("PYTHONPATH"):
+        argv = argv or tool_command("ehost-device")
+        if not argv[-1].endswith(".pex") and os.environ.get("PYTHONPATH"):
             e["PYTHONPATH"] = os.environ["PYTHONPATH"]  # from source: how the tool is found
         data = conf if isinstance(conf, (str, bytes)) else json.dumps(conf)
         cmd = [shutil.which("ip") or "ip", "netns", "exec", self.node.name, *argv]
