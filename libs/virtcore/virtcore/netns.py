@@ -153,6 +153,19 @@ def check_namespace(path: str) -> None:
         os.close(fd)
 
 
+def is_own(path: str) -> bool:
+    """Whether `path` is the calling process's own network namespace (False if unreadable).
+
+    Two references to one namespace stat to the same nsfs inode.
+    """
+    try:
+        st = os.stat(path)
+        own = os.stat("/proc/self/ns/net")
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
 _LIBC: Any = None
 
 

@@ -27,8 +27,10 @@ def main() -> int:
         version = conf.LATEST
         try:
             asked = json.loads(data.decode("utf-8")) if data.strip() else {}
+            # Echo the caller's version (spec 1.1, "VERSION Success"), but never an empty one:
+            # libcni's decoder rejects a VERSION answer whose cniVersion is "".
             if isinstance(asked, dict) and isinstance(asked.get("cniVersion"), str):
-                version = asked["cniVersion"]
+                version = asked["cniVersion"].strip() or version
         except (UnicodeDecodeError, ValueError):
             pass
         answer = {"cniVersion": version, "supportedVersions": list(conf.SUPPORTED_VERSIONS)}

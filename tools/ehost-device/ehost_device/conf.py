@@ -22,6 +22,7 @@ E_INVALID_ENV = 4
 E_IO = 5
 E_DECODE = 6
 E_INVALID_CONFIG = 7
+E_INVALID_NETNS = 8  # CNI_NETNS is the plugin's own namespace (libcni's ErrInvalidNetNS)
 E_TRY_AGAIN = 11
 E_NOT_AVAILABLE = 50
 E_NIC_NOT_FOUND = 100  # no such PCI function / host interface
@@ -34,6 +35,7 @@ E_IPAM_RESULT = 106  # IPAM result unusable
 E_NETLINK = 107  # a link, address or route operation failed
 E_CHECK = 108  # CHECK found the attachment not as expected
 
+# Container IDs and network names (spec 1.1, sections 1 and 2; libcni's ValidateNetworkName).
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _LOG_LEVELS = ("error", "warning", "info", "debug")
@@ -100,6 +102,7 @@ class Conf:
     log_level: str
     lock_timeout: float
     prev_result: Optional[Dict[str, Any]]
+    dns: Dict[str, Any]  # the config's own `dns` (spec 1.1, section 1), {} if none
     raw: Dict[str, Any] = field(repr=False, compare=False)  # the config as received
 
 
@@ -107,8 +110,10 @@ def _err_env(var: str, why: str) -> CniError:
     return CniError(E_INVALID_ENV, f"invalid environment variable {var}: {why}", var)
 
 
-def load_env(environ: Mapping[str, str], needs_ipam: bool) -> Env:
-    """The CNI_* variables, checked for the command in CNI_COMMAND."""
+def load_env(environ: Mapping[str, str]) -> Env:
+    """The CNI_* variables, checked for the command in CNI_COMMAND, before stdin is read (as
+    libcni's skel does). CNI_PATH is checked later, by `require_path`, once the config says
+    whether there is an IPAM plugin to find."""
     command = environ.get("CNI_COMMAND", "")
     if command not in COMMANDS:
         raise _err_env(
@@ -128,17 +133,7 @@ def load_env(environ: Mapping[str, str], needs_ipam: bool) -> Env:
         required = ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"]
     elif command == "DEL":
         required = ["CNI_CONTAINERID", "CNI_IFNAME"]
-    if needs_ipam and command in ("ADD", "DEL", "CHECK", "GC"):
-        required.append("CNI_PATH")
-    if command == "GC" and "CNI_PATH" not in required:
-        required.append("CNI_PATH")
-    missing = [v for v in required if not environ.get(v)]
-    if missing:
-        raise CniError(
-            E_INVALID_ENV,
-            f"missing required environment variable(s) {', '.join(missing)} for {command}",
-            ",".join(missing),
-        )
+    _require(environ, command, required)
     if "CNI_CONTAINERID" in required and not _CONTAINER_ID.match(env.container_id):
         raise _err_env(
             "CNI_CONTAINERID",
@@ -152,6 +147,22 @@ def load_env(environ: Mapping[str, str], needs_ipam: bool) -> Env:
     if env.netns and not env.netns.startswith("/"):
         raise _err_env("CNI_NETNS", f"{env.netns!r} is not an absolute path")
     return env
+
+
+def require_path(environ: Mapping[str, str], command: str, needs_ipam: bool) -> None:
+    """CNI_PATH must be set for GC, and for any command that runs the IPAM plugin."""
+    if command == "GC" or (needs_ipam and command in ("ADD", "DEL", "CHECK", "STATUS")):
+        _require(environ, command, ["CNI_PATH"])
+
+
+def _require(environ: Mapping[str, str], command: str, required: List[str]) -> None:
+    missing = [v for v in required if not environ.get(v)]
+    if missing:
+        raise CniError(
+            E_INVALID_ENV,
+            f"missing required environment variable(s) {', '.join(missing)} for {command}",
+            ",".join(missing),
+        )
 
 
 def parse_json(data: bytes) -> Dict[str, Any]:
@@ -206,6 +217,12 @@ def load_conf(obj: Dict[str, Any], cni_version: str, *, need_nic: bool = True) -
     name = obj.get("name")
     if not isinstance(name, str) or not name:
         raise _bad("name", name, "expected the network name (a non-empty string)")
+    if not _CONTAINER_ID.match(name):
+        raise _bad(
+            "name",
+            name,
+            "expected a letter or digit, followed by letters, digits, '_', '.' or '-'",
+        )
     ptype = obj.get("type")
     if not isinstance(ptype, str) or not ptype:
         raise _bad("type", ptype, "expected the plugin type (a non-empty string)")
@@ -256,11 +273,24 @@ def load_conf(obj: Dict[str, Any], cni_version: str, *, need_nic: bool = True) -
         raise _bad("mtu", mtu, "expected an integer MTU of at least 68")
     if isinstance(mtu, int) and mtu > 65535:
         raise _bad("mtu", mtu, "expected an integer MTU of at most 65535")
+    # The `mac` capability (CNI CONVENTIONS.md; Multus fills it from the pod's network
+    # selection) overrides the config's own `mac`, as in the tuning and sriov plugins.
+    mac_key = "mac"
     mac = _opt_str(obj, "mac")
+    runtime_mac = (runtime or {}).get("mac")
+    if runtime_mac is not None and not isinstance(runtime_mac, str):
+        raise _bad("runtimeConfig.mac", runtime_mac, "expected a string")
+    if runtime_mac:
+        mac_key, mac = "runtimeConfig.mac", runtime_mac
     if mac is not None:
         if not _MAC.match(mac):
-            raise _bad("mac", mac, "expected a MAC address such as 02:00:00:00:00:01")
+            raise _bad(mac_key, mac, "expected a MAC address such as 02:00:00:00:00:01")
         mac = mac.lower()
+    dns = obj.get("dns")
+    if dns is None:
+        dns = {}
+    if not isinstance(dns, dict):
+        raise _bad("dns", dns, "expected an object (nameservers, domain, search, options)")
 
     ipam = obj.get("ipam")
     ipam_type = None
@@ -303,5 +333,6 @@ def load_conf(obj: Dict[str, Any], cni_version: str, *, need_nic: bool = True) -
         log_level=log_level,
         lock_timeout=float(lock_timeout),
         prev_result=prev,
+        dns=dns,
         raw=obj,
     )

@@ -117,6 +117,8 @@ def _undo_step(undo: contextlib.ExitStack, what: str, fn: Callable[[], Any]) -> 
 
 
 def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
+    if netns.is_own(env.netns):  # the NIC would only be renamed on the host
+        raise _own_netns(env)
     with contextlib.ExitStack() as hold:
         host = hold.enter_context(netns.open_ns(None))
         pci_address = _resolve_pci(c, host)
@@ -236,11 +238,12 @@ def _add_result(
         name=env.ifname, mac=link.mac, mtu=link.mtu, sandbox=env.netns, pci_id=pci_address
     )
     ips = tuple(res.IP(ip.address, ip.gateway, index) for ip in got.ips)
+    # DNS: the config's own `dns` (as host-device and bridge report it), else the IPAM's.
     out = res.Result(
         interfaces=prev.interfaces + (iface,),
         ips=prev.ips + ips,
         routes=prev.routes + got.routes,
-        dns=got.dns or prev.dns,
+        dns=c.dns or got.dns or prev.dns,
     )
     return res.render(out, c.cni_version)
 
@@ -285,7 +288,11 @@ def _del_nic(env: Env, c: Conf) -> List[CniError]:
         if c.pci_address:
             hold.enter_context(locks.device_lock(c.sysfs_root, c.pci_address, c.lock_timeout))
         found = None
-        if env.netns:
+        if env.netns and netns.is_own(env.netns):
+            log.warning(
+                "DEL %s: CNI_NETNS is our own namespace; looking on the host", env.container_id
+            )
+        elif env.netns:
             try:
                 pod = hold.enter_context(netns.open_ns(env.netns))
             except netns.NamespaceNotFound:
@@ -404,6 +411,8 @@ def cmd_check(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
         raise CniError(
             cni.E_INVALID_CONFIG, "invalid network configuration: prevResult", str(e)
         ) from None
+    if netns.is_own(env.netns):
+        raise _own_netns(env)
     # IPAM CHECK starts first and runs alongside ours; ours is reported first.
     pending: Optional[ipam.Delegation] = None
     ipam_error: Optional[CniError] = None
@@ -561,18 +570,40 @@ def _setup_logging(c: Conf) -> None:
         log.warning("%s", fallback)
 
 
+def _own_netns(env: Env) -> CniError:
+    return CniError(
+        cni.E_INVALID_NETNS,
+        "CNI_NETNS is the plugin's own network namespace",
+        f"{env.netns} is the namespace the runtime runs the plugin in (the host's); "
+        "expected the pod's network namespace",
+    )
+
+
+def _peek_version(data: bytes) -> str:
+    """The config's cniVersion if it is readable and supported, for an error found earlier."""
+    try:
+        return cni.requested_version(cni.parse_json(data))
+    except CniError:
+        return cni.LATEST
+
+
 def run(environ: Mapping[str, str], data: bytes) -> Tuple[int, Optional[Dict[str, Any]]]:
-    """One CNI call: (exit status, JSON object for stdout or None)."""
+    """One CNI call: (exit status, JSON object for stdout or None).
+
+    Checked in libcni's order: the environment, then the config on stdin.
+    """
     version = cni.LATEST
     try:
-        command = environ.get("CNI_COMMAND", "")
-        if command not in cni.COMMANDS:
-            cni.load_env(environ, needs_ipam=False)  # raises the error naming CNI_COMMAND
+        try:
+            env = cni.load_env(environ)
+        except CniError:
+            version = _peek_version(data)
+            raise
         obj = cni.parse_json(data)
         version = cni.requested_version(obj)
-        c = cni.load_conf(obj, version, need_nic=command in ("ADD", "CHECK"))
+        c = cni.load_conf(obj, version, need_nic=env.command in ("ADD", "CHECK"))
         _setup_logging(c)
-        env = cni.load_env(environ, needs_ipam=c.ipam_type is not None)
+        cni.require_path(environ, env.command, needs_ipam=c.ipam_type is not None)
         try:
             out = COMMANDS[env.command](env, c, environ)
         except netns.NetnsError as e:
