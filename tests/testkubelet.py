@@ -1,37 +1,51 @@
 """THE test kubelet: the device-manager side of the device plugin API, as the real kubelet does it.
 
-Modelled on kubernetes `pkg/kubelet/cm/devicemanager` (manager.go, endpoint.go) and
-`plugin/v1beta1` (server.go, handler.go, client.go):
+Checked against kubernetes `pkg/kubelet/cm/devicemanager` (manager.go, endpoint.go,
+pod_devices.go) and `plugin/v1beta1` (server.go, handler.go, client.go, api.go):
 
-- start: clean the directory (every file except the checkpoint; older kubelets removed every
-  file, newer ones every socket: our plugins only have sockets there), then serve
-  `Registration` on `kubelet.sock`.
-- Register: check the version (v1beta1) and that the resource name is an extended resource
-  name, then, before answering, dial `<dir>/<endpoint>` (blocking, 10 s deadline, authority
-  "localhost") and call GetDevicePluginOptions; then run ListAndWatch in the background.
-  Each ListAndWatch response replaces the resource's device list (healthy/unhealthy sets).
-  When the stream ends, the resource's devices all turn unhealthy and its endpoint is marked
-  stopped (the real kubelet does this even if the plugin re-registered meanwhile).
-- allocate: healthy minus allocated devices; if the plugin asked for it, GetPreferredAllocation
-  (available, must-include, size) and take its answer, else any; then Allocate with one
-  container request and reject a response without container responses.
-- restart: the old process's connections close, the new one cleans the directory and
-  recreates kubelet.sock.
+- start (server.Start + ManagerImpl.CleanupPluginDirectory): remove every non-directory in the
+  directory except the checkpoint (kubelets up to 1.3x; the newest remove only sockets, and a
+  plugin only has sockets there), then serve `Registration` on `kubelet.sock`. Resources known
+  from before a restart come back as *stopped* endpoints with no devices (readCheckpoint ->
+  newStoppedEndpointImpl) and the allocations survive, until the plugin registers again.
+- Register: version must be in SupportedVersions, the resource name must pass
+  v1helper.IsExtendedResourceName, the socket is `filepath.Join(dir, endpoint)` (Go's Join: an
+  absolute or `..` endpoint does not escape the way os.path.join would). Before answering it
+  dials the plugin (blocking, 10 s, authority "localhost") and calls GetDevicePluginOptions
+  (PluginConnected); errors go back as gRPC UNKNOWN with the kubelet's message. The options of
+  the RegisterRequest are ignored: GetDevicePluginOptions' answer counts. Then ListAndWatch
+  runs in the background; each response replaces the resource's device list (health "Healthy"
+  is healthy, any other string unhealthy).
+- stream end (runClient -> disconnectClient -> PluginDisconnected): the resource's *current*
+  endpoint is stopped and its devices turn unhealthy, even when the ended stream belonged to an
+  older registration; kubelets 1.26-1.3x also close the current client's connection. A stopped
+  endpoint refuses GetPreferredAllocation, Allocate and PreStartContainer (errEndpointStopped)
+  and its resource leaves the node's capacity `grace` (5 min) after the stop (GetCapacity).
+- allocate (devicesToAllocate + allocateContainerResources): healthy minus allocated; if the
+  plugin's options ask for it, GetPreferredAllocation(available, must-include, size) with the
+  lists in set (random) order, keep its IDs that are available, fill up from the rest; then
+  Allocate with one container request (IDs in random order); a response without container
+  responses fails, extra ones are ignored. PreStartContainer only when pre_start_required.
+- checkpoint (opt-in, `checkpoint=True`): written after each ListAndWatch update and each
+  allocation, in the kubelet's JSON shape (the checksum is a Go hash: written as 0).
 
 Runs in the test process (threads); the plugin under test is another process.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import posixpath
+import random
 import re
 import stat
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import grpc
 
@@ -42,25 +56,38 @@ KUBELET_SOCKET = "kubelet.sock"
 CHECKPOINT = "kubelet_internal_checkpoint"
 SUPPORTED_VERSIONS = ("v1beta1",)
 DIAL_TIMEOUT = 10.0
+PRESTART_TIMEOUT = 30.0  # KubeletPreStartContainerRPCTimeoutInSecs
+STOP_GRACE = 300.0  # endpointStopGracePeriod
 
-# k8s.io/apimachinery validation: a qualified name with a DNS-subdomain prefix.
-_DNS1123_SUBDOMAIN = re.compile(
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-)
-_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+# k8s.io/apimachinery/pkg/util/validation (Go regexps anchor at the very end: use fullmatch).
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_QUALIFIED_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+
+
+def _is_qualified_name(value: str) -> bool:
+    """validation.IsQualifiedName: `[prefix/]name`, prefix a DNS-1123 subdomain (<= 253)."""
+    parts = value.split("/")
+    if len(parts) > 2:
+        return False
+    if len(parts) == 2:
+        prefix = parts[0]
+        if not prefix or len(prefix) > 253 or not _DNS1123_SUBDOMAIN.fullmatch(prefix):
+            return False
+    name = parts[-1]
+    return 0 < len(name) <= 63 and bool(_QUALIFIED_NAME.fullmatch(name))
 
 
 def is_extended_resource_name(name: str) -> bool:
-    """v1helper.IsExtendedResourceName: `<domain>/<name>`, not in kubernetes.io, valid."""
-    if "/" not in name or name.startswith("requests."):
+    """v1helper.IsExtendedResourceName."""
+    # IsNativeResource: no "/" at all, or "kubernetes.io/" anywhere in the name.
+    if "/" not in name or "kubernetes.io/" in name or name.startswith("requests."):
         return False
-    prefix, _, short = name.partition("/")
-    if prefix == "kubernetes.io" or prefix.endswith(".kubernetes.io"):
-        return False
-    if "/" in short or len(short) > 63 or not _QUALIFIED_NAME.match(short):
-        return False
-    # The kubelet also checks that "requests.<name>" is a valid quota resource name.
-    return len(prefix) <= 253 and bool(_DNS1123_SUBDOMAIN.match(prefix))
+    return _is_qualified_name("requests." + name)
+
+
+def go_join(directory: str, name: str) -> str:
+    """filepath.Join: concatenate with "/" and clean (an absolute `name` stays inside)."""
+    return posixpath.normpath(directory.rstrip("/") + "/" + name)
 
 
 @dataclass
@@ -75,12 +102,24 @@ class Endpoint:
 
     resource: str
     socket_path: str
-    options: pb.DevicePluginOptions
-    channel: grpc.Channel
-    stub: pbg.DevicePluginStub
+    options: Optional[pb.DevicePluginOptions]
+    channel: Optional[grpc.Channel]
+    stub: Optional[pbg.DevicePluginStub]
     registered_at: float
     stop_time: Optional[float] = None
     updates: int = 0
+    generation: int = 0  # which kubelet "process" made it
+
+
+@dataclass
+class _Allocation:
+    owner: str
+    resource: str
+    pod_uid: str
+    container: str
+    by_numa: Dict[int, List[str]]
+    response: bytes = b""
+    devices: List[str] = field(default_factory=list)
 
 
 class AllocationFailed(RuntimeError):
@@ -90,25 +129,44 @@ class AllocationFailed(RuntimeError):
 class TestKubelet(pbg.RegistrationServicer):
     __test__ = False  # not a pytest class
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, *, checkpoint: bool = False) -> None:
         self.dir = directory
         self.socket_path = os.path.join(directory, KUBELET_SOCKET)
+        self.write_checkpoints = checkpoint
+        self.grace = STOP_GRACE
         self._cond = threading.Condition()
         self._server: Optional[grpc.Server] = None
+        self._generation = 0
         self.endpoints: Dict[str, Endpoint] = {}
         self.devices: Dict[str, Dict[str, DeviceState]] = {}
         self.allocated: Dict[str, Dict[str, str]] = {}  # resource -> device -> "pod/container"
+        self._allocations: List[_Allocation] = []
         self.registrations: List[Tuple[float, pb.RegisterRequest]] = []
         self.register_errors: List[str] = []
         self.updates: List[Tuple[float, str, Dict[str, DeviceState]]] = []
+        self.prestarts: List[Tuple[str, List[str]]] = []
         self.started_at = 0.0
         self.restarts = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
+        with self._cond:
+            self._generation += 1
+            # readCheckpoint: known resources wait as stopped endpoints with no devices.
+            now = time.monotonic()
+            for resource in set(self.devices) | set(self.allocated):
+                self.endpoints[resource] = Endpoint(
+                    resource, "", None, None, None, now, stop_time=now, generation=0
+                )
+                self.devices[resource] = {}
         self._cleanup_directory()
-        self._write_checkpoint()
+        if self.write_checkpoints:
+            self._write_checkpoint()
+        elif not os.path.exists(os.path.join(self.dir, CHECKPOINT)):
+            self._write_json(
+                {"Data": {"PodDeviceEntries": None, "RegisteredDevices": {}}, "Checksum": 0}
+            )
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         pbg.add_RegistrationServicer_to_server(self, server)
         if server.add_insecure_port("unix://" + os.path.abspath(self.socket_path)) == 0:
@@ -123,23 +181,26 @@ class TestKubelet(pbg.RegistrationServicer):
         """The kubelet process going away: its server and every plugin connection close."""
         with self._cond:
             server, self._server = self._server, None
-            eps = list(self.endpoints.values())
+            eps = [e for e in self.endpoints.values() if e.channel is not None]
             self.endpoints.clear()
+            self._generation += 1  # the old process's client threads change nothing now
         if server is not None:
             server.stop(grace=None)
         for ep in eps:
-            ep.channel.close()
+            ep.channel.close()  # type: ignore[union-attr]
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:
             pass
 
     def restart(self) -> float:
-        """Stop, then start like a new kubelet process; returns the restart's monotonic time."""
+        """Stop, then start like a new kubelet process; returns the restart's monotonic time.
+        What the checkpoint holds (allocations, known resources) survives."""
+        known = set(self.devices)
         self.stop()
         with self._cond:
-            self.devices.clear()
-            self.allocated.clear()
+            for resource in known:
+                self.devices.setdefault(resource, {})
             self.restarts += 1
         self.start()
         return self.started_at
@@ -152,7 +213,7 @@ class TestKubelet(pbg.RegistrationServicer):
         self.stop()
 
     def _cleanup_directory(self) -> None:
-        # ManagerImpl.CleanupPluginDirectory: everything but the checkpoint and directories.
+        # CleanupPluginDirectory: every non-directory but the checkpoint.
         for name in os.listdir(self.dir):
             path = os.path.join(self.dir, name)
             if name == CHECKPOINT:
@@ -165,40 +226,71 @@ class TestKubelet(pbg.RegistrationServicer):
                 continue
             os.unlink(path)
 
+    # -- checkpoint ------------------------------------------------------------------------
+    def checkpoint_data(self) -> dict:
+        """writeCheckpoint's document (Go's json: sorted map keys, nil slices as null)."""
+        with self._cond:
+            entries = [
+                {
+                    "PodUID": a.pod_uid,
+                    "ContainerName": a.container,
+                    "ResourceName": a.resource,
+                    "DeviceIDs": {str(n): ids for n, ids in sorted(a.by_numa.items())},
+                    "AllocResp": base64.b64encode(a.response).decode(),
+                }
+                for a in self._allocations
+            ]
+            registered = {
+                r: sorted(i for i, d in devs.items() if d.health == "Healthy")
+                for r, devs in sorted(self.devices.items())
+            }
+        return {
+            "Data": {"PodDeviceEntries": entries or None, "RegisteredDevices": registered},
+            "Checksum": 0,
+        }
+
     def _write_checkpoint(self) -> None:
+        if self.write_checkpoints:
+            self._write_json(self.checkpoint_data())
+
+    def _write_json(self, doc: dict) -> None:
         path = os.path.join(self.dir, CHECKPOINT)
-        if not os.path.exists(path):
-            with open(path, "w") as f:
-                json.dump(
-                    {"Data": {"PodDeviceEntries": [], "RegisteredDevices": {}}, "Checksum": 0}, f
-                )
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, separators=(",", ":"))
+        os.replace(tmp, path)
 
     # -- Registration service --------------------------------------------------------------
     def Register(self, request, context):  # noqa: N802
         with self._cond:
             self.registrations.append((time.monotonic(), request))
+            generation = self._generation
             self._cond.notify_all()
         if request.version not in SUPPORTED_VERSIONS:
             return self._refuse(
                 context,
-                f"Requested device plugin version {request.version!r} is not supported; "
-                f"supported versions: {list(SUPPORTED_VERSIONS)}",
+                f"requested API version {json.dumps(request.version)} is not supported by "
+                f"kubelet. Supported version is {json.dumps(list(SUPPORTED_VERSIONS))}",
             )
         if not is_extended_resource_name(request.resource_name):
-            return self._refuse(context, f"invalid resource name {request.resource_name!r}")
-        socket_path = os.path.join(self.dir, request.endpoint)
+            return self._refuse(
+                context, f"the ResourceName {json.dumps(request.resource_name)} is invalid"
+            )
+        socket_path = go_join(self.dir, request.endpoint)
         channel = grpc.insecure_channel(
-            "unix://" + os.path.abspath(socket_path),
-            options=[("grpc.default_authority", "localhost")],
+            "unix://" + socket_path, options=[("grpc.default_authority", "localhost")]
         )
         try:
             grpc.channel_ready_future(channel).result(timeout=DIAL_TIMEOUT)
         except grpc.FutureTimeoutError:
             channel.close()
-            return self._refuse(context, f"failed to dial device plugin at {socket_path}")
+            return self._refuse(
+                context, f"failed to dial device plugin: {socket_path}: context deadline exceeded"
+            )
         stub = pbg.DevicePluginStub(channel)
         try:
-            options = stub.GetDevicePluginOptions(pb.Empty(), timeout=DIAL_TIMEOUT)
+            # The kubelet sets no deadline here; ours only keeps a hung plugin from hanging CI.
+            options = stub.GetDevicePluginOptions(pb.Empty(), timeout=60)
         except grpc.RpcError as e:
             channel.close()
             return self._refuse(context, f"failed to get device plugin options: {e.details()}")
@@ -209,9 +301,13 @@ class TestKubelet(pbg.RegistrationServicer):
             channel=channel,
             stub=stub,
             registered_at=time.monotonic(),
+            generation=generation,
         )
         with self._cond:
-            # A previous client of this resource keeps running until its stream ends.
+            if generation != self._generation:
+                channel.close()
+                return pb.Empty()
+            # An older client of this resource keeps running until its stream ends.
             self.endpoints[request.resource_name] = ep
             self._cond.notify_all()
         threading.Thread(
@@ -226,6 +322,7 @@ class TestKubelet(pbg.RegistrationServicer):
         context.abort(grpc.StatusCode.UNKNOWN, message)
 
     def _run_client(self, ep: Endpoint) -> None:
+        assert ep.stub is not None
         try:
             for response in ep.stub.ListAndWatch(pb.Empty()):
                 state = {
@@ -233,20 +330,28 @@ class TestKubelet(pbg.RegistrationServicer):
                     for d in response.devices
                 }
                 with self._cond:
+                    if ep.generation != self._generation:
+                        return
                     ep.updates += 1
                     self.devices[ep.resource] = state
                     self.updates.append((time.monotonic(), ep.resource, state))
                     self._cond.notify_all()
+                self._write_checkpoint()
         except grpc.RpcError:
             pass
-        # PluginDisconnected: the resource's devices turn unhealthy, its endpoint is stopped.
+        # PluginDisconnected: the resource's current endpoint stops, its devices turn unhealthy.
         with self._cond:
+            if ep.generation != self._generation:
+                return
             current = self.endpoints.get(ep.resource)
             if current is not None:
-                current.stop_time = time.monotonic()
+                if current.stop_time is None:
+                    current.stop_time = time.monotonic()
                 for dev in self.devices.get(ep.resource, {}).values():
                     dev.health = "Unhealthy"
             self._cond.notify_all()
+        if current is not None and current is not ep and current.channel is not None:
+            current.channel.close()  # disconnectClient(name, getClient(name)) before 1.3x
 
     # -- queries for tests -----------------------------------------------------------------
     def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -286,18 +391,57 @@ class TestKubelet(pbg.RegistrationServicer):
         with self._cond:
             return sum(1 for _, r, _ in self.updates if r == resource)
 
-    # -- allocation, as the device manager does it -----------------------------------------
-    def allocate(
-        self, resource: str, needed: int, owner: str = "pod/container"
-    ) -> Tuple[List[str], pb.ContainerAllocateResponse]:
+    def capacity(self) -> Tuple[Dict[str, int], Dict[str, int], List[str]]:
+        """GetCapacity: (capacity, allocatable, deleted resources). A resource whose endpoint
+        stopped more than `grace` seconds ago is dropped; before that its devices still count
+        in capacity (unhealthy), not in allocatable."""
+        cap: Dict[str, int] = {}
+        alloc: Dict[str, int] = {}
+        deleted: List[str] = []
+        now = time.monotonic()
         with self._cond:
-            ep = self.endpoints.get(resource)
-            if ep is None:
+            for resource in sorted(self.devices):
+                ep = self.endpoints.get(resource)
+                if ep is None or (ep.stop_time is not None and now - ep.stop_time > self.grace):
+                    self.endpoints.pop(resource, None)
+                    del self.devices[resource]
+                    deleted.append(resource)
+                    continue
+                devs = self.devices[resource]
+                alloc[resource] = sum(1 for d in devs.values() if d.health == "Healthy")
+                cap[resource] = len(devs)
+        if deleted:
+            self._write_checkpoint()
+        return cap, alloc, deleted
+
+    # -- allocation, as the device manager does it -----------------------------------------
+    def _live_endpoint(self, resource: str) -> Endpoint:
+        ep = self.endpoints.get(resource)
+        if ep is None:
+            raise AllocationFailed(f"unknown Device Plugin {resource}")
+        if ep.stop_time is not None or ep.stub is None:
+            raise AllocationFailed(f"endpoint {ep.socket_path or resource} has been stopped")
+        return ep
+
+    def allocate(
+        self,
+        resource: str,
+        needed: int,
+        owner: str = "pod/container",
+        *,
+        pod_uid: Optional[str] = None,
+    ) -> Tuple[List[str], pb.ContainerAllocateResponse]:
+        """Allocate `needed` devices to `owner` ("<pod>/<container>", the container name after
+        the last "/"); returns the IDs in the order sent and the container's response."""
+        with self._cond:
+            if resource not in self.devices:
                 raise AllocationFailed(f"cannot allocate unregistered device {resource}")
-            devs = self.devices.get(resource, {})
+            devs = self.devices[resource]
             healthy = {i for i, d in devs.items() if d.health == "Healthy"}
             if not healthy:
-                raise AllocationFailed(f"no healthy devices present; cannot allocate {resource}")
+                raise AllocationFailed(
+                    f"no healthy devices present; cannot allocate unhealthy devices {resource}"
+                )
             in_use = set(self.allocated.get(resource, {}))
             available = healthy - in_use
             if len(available) < needed:
@@ -305,31 +449,105 @@ class TestKubelet(pbg.RegistrationServicer):
                     f"requested number of devices unavailable for {resource}. "
                     f"Requested: {needed}, Available: {len(available)}"
                 )
+            ep = self.endpoints.get(resource)
         chosen: List[str] = []
-        if ep.options.get_preferred_allocation_available:
-            resp = self.preferred(resource, sorted(available), [], needed)
+        if (
+            ep is not None
+            and ep.options is not None
+            and ep.options.get_preferred_allocation_available
+        ):
+            live = self._live_endpoint(resource)
+            assert live.stub is not None
+            try:
+                resp = live.stub.GetPreferredAllocation(
+                    pb.PreferredAllocationRequest(
+                        container_requests=[
+                            pb.ContainerPreferredAllocationRequest(
+                                available_deviceIDs=_set_order(available),
+                                must_include_deviceIDs=[],
+                                allocation_size=needed,
+                            )
+                        ]
+                    ),
+                    timeout=60,
+                )
+            except grpc.RpcError as e:
+                raise AllocationFailed(
+                    f"device plugin GetPreferredAllocation rpc failed with err: {e.details()}"
+                ) from None
             if resp.container_responses:
-                chosen = [d for d in resp.container_responses[0].deviceIDs if d in available][
-                    :needed
-                ]
-        for d in sorted(available):
-            if len(chosen) >= needed:
-                break
-            if d not in chosen:
-                chosen.append(d)
-        response = self.raw_allocate(resource, [chosen])
+                pref = set(resp.container_responses[0].deviceIDs) & available
+                chosen = _set_order(pref)[:needed]
+        rest = available - set(chosen)
+        chosen += _set_order(rest)[: needed - len(chosen)]
+        live = self._live_endpoint(resource)
+        assert live.stub is not None
+        try:
+            response = live.stub.Allocate(
+                pb.AllocateRequest(
+                    container_requests=[pb.ContainerAllocateRequest(devices_ids=chosen)]
+                ),
+                timeout=60,
+            )
+        except grpc.RpcError as e:
+            raise AllocationFailed(f"{e.code().name}: {e.details()}") from None
         if not response.container_responses:
             raise AllocationFailed(f"no containers return in allocation response {response}")
+        first = response.container_responses[0]
+        pod, _, container = owner.rpartition("/")
+        by_numa: Dict[int, List[str]] = {}
         with self._cond:
             for d in chosen:
                 self.allocated.setdefault(resource, {})[d] = owner
-        return chosen, response.container_responses[0]
+                nodes = devs[d].numa_nodes or (-1,)
+                for n in nodes:
+                    by_numa.setdefault(n, []).append(d)
+            self._allocations.append(
+                _Allocation(
+                    owner,
+                    resource,
+                    pod_uid or pod or owner,
+                    container or owner,
+                    by_numa,
+                    first.SerializeToString(),
+                    list(chosen),
+                )
+            )
+        self._write_checkpoint()
+        return chosen, first
+
+    def prestart(self, resource: str, owner: str) -> Optional[pb.PreStartContainerResponse]:
+        """callPreStartContainerIfNeeded: only when the plugin asked for it (30 s deadline)."""
+        ep = self.endpoints.get(resource)
+        if ep is None:
+            raise AllocationFailed(
+                f"endpoint not found in cache for a registered resource: {resource}"
+            )
+        if ep.options is None or not ep.options.pre_start_required:
+            return None
+        devs = [d for d, o in self.allocated.get(resource, {}).items() if o == owner]
+        if not devs:
+            raise AllocationFailed(f"no devices found allocated in local cache for {owner}")
+        live = self._live_endpoint(resource)
+        assert live.stub is not None
+        self.prestarts.append((owner, devs))
+        try:
+            return live.stub.PreStartContainer(
+                pb.PreStartContainerRequest(devices_ids=devs), timeout=PRESTART_TIMEOUT
+            )
+        except grpc.RpcError as e:
+            raise AllocationFailed(
+                f"device plugin PreStartContainer rpc failed with err: {e.details()}"
+            ) from None
 
     def release(self, resource: str, owner: str) -> None:
         with self._cond:
             alloc = self.allocated.get(resource, {})
             for d in [d for d, o in alloc.items() if o == owner]:
                 del alloc[d]
+            self._allocations = [
+                a for a in self._allocations if not (a.owner == owner and a.resource == resource)
+            ]
 
     def preferred(
         self, resource: str, available: Sequence[str], must: Sequence[str], size: int
@@ -348,13 +566,17 @@ class TestKubelet(pbg.RegistrationServicer):
     def raw_preferred(
         self, resource: str, requests: Sequence[pb.ContainerPreferredAllocationRequest]
     ) -> pb.PreferredAllocationResponse:
+        """Straight to the plugin, whatever the endpoint's state (for malformed requests)."""
         ep = self.endpoints[resource]
+        assert ep.stub is not None, f"{resource}: no connection since the restart"
         return ep.stub.GetPreferredAllocation(
             pb.PreferredAllocationRequest(container_requests=list(requests)), timeout=10
         )
 
     def raw_allocate(self, resource: str, requests: Sequence[Sequence[str]]) -> pb.AllocateResponse:
+        """Straight to the plugin, whatever the endpoint's state (for malformed requests)."""
         ep = self.endpoints[resource]
+        assert ep.stub is not None, f"{resource}: no connection since the restart"
         return ep.stub.Allocate(
             pb.AllocateRequest(
                 container_requests=[
@@ -363,3 +585,10 @@ class TestKubelet(pbg.RegistrationServicer):
             ),
             timeout=10,
         )
+
+
+def _set_order(ids: Set[str]) -> List[str]:
+    """A Go set's UnsortedList(): no order to rely on."""
+    out = list(ids)
+    random.shuffle(out)
+    return out

@@ -85,13 +85,17 @@ def run(
     version: Annotated[bool, command.version_option("virtdp-serve", __version__)] = False,
 ) -> None:
     logs.setup(log_format.value, verbose)
-    from virtdp_serve.daemon import Daemon  # after logging: its imports are the heavy part
+    # Imported after logging is set up: these imports are the heavy part.
+    from virtdp_serve.daemon import Daemon, kubelet_refusal
     from virtdp_serve.plugin import ServeError
 
     try:
         cfg = pools.load_config(str(config) if config is not None else None)
     except pools.ConfigError as e:
         raise _fail(EXIT_USAGE, f"config error: {e}") from None
+    refusal = kubelet_refusal(cfg)
+    if refusal is not None:
+        raise _fail(EXIT_USAGE, f"config error: {refusal}")
     if not (sysfs_root / "bus" / "pci" / "devices").is_dir():
         raise _fail(
             EXIT_USAGE,

@@ -33,6 +33,7 @@ OPTIONS = deviceplugin_pb2.DevicePluginOptions(
 MAX_SOCKET_PATH = 107
 WAIT_LOG_INTERVAL = 60.0  # "still waiting for the kubelet" at most this often
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 5.0
+STOP_WAIT = 5.0  # at most this long for a stopping server's connections to close
 
 
 class ServeError(RuntimeError):
@@ -245,7 +246,11 @@ class PoolPlugin:
             return
         self.stopped_event.set()
         self.inventory.wake()
-        self._server.stop(grace=None)
+        # Wait until the old connections are closed: a kubelet that sees the old ListAndWatch
+        # end after our next Register stops the *new* endpoint (PluginDisconnected works by
+        # resource name) and, before 1.3x, closes its connection too.
+        if not self._server.stop(grace=None).wait(STOP_WAIT):
+            log.warning("%s: old server still stopping after %ss", self.resource_name, STOP_WAIT)
         self._server = None
         if self.socket_intact():
             _unlink(self.socket_path)
