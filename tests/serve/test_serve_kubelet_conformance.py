@@ -14,7 +14,7 @@ import grpc
 import pytest
 from testkubelet import AllocationFailed, TestKubelet, go_join, is_extended_resource_name
 
-from virtcore import checkpoint
+from virtcore import checkpoint, pools
 from virtcore.kubelet import deviceplugin_pb2 as pb
 from virtcore.kubelet import deviceplugin_pb2_grpc as pbg
 from virtcore.kubelet import registration
@@ -45,8 +45,14 @@ A, B, C = "0000:00:0a.0", "0000:00:0b.0", "0000:00:0c.0"
 )
 def test_resource_name_rule_matches_the_kubelet(name, ok):
     assert is_extended_resource_name(name) is ok
-    # The daemon's own check agrees, so a name the kubelet refuses fails at config load.
-    assert (registration.resource_name_problem(name) is None) is ok
+    # virtdp's config check agrees, so a name the kubelet refuses fails at config load.
+    text = json.dumps({"pools": [{"resourceName": name}]})
+    try:
+        pools.parse_config(text, "pools.yaml")
+        accepted = True
+    except pools.ConfigError:
+        accepted = False
+    assert accepted is ok
 
 
 def test_endpoint_joined_like_go():
@@ -223,7 +229,7 @@ def test_daemon_rejects_a_name_the_kubelet_refuses(lab):
     res = lab.run(config=True)
     assert res.returncode == 2, res.stderr
     assert f"{lab.config_path}: pools[0].resourceName" in res.stderr
-    assert "kubernetes.io namespace" in res.stderr and "expected <domain>/<name>" in res.stderr
+    assert "reserved for Kubernetes" in res.stderr and "expected <domain>/<name>" in res.stderr
     assert not lab.kubelet.registrations
 
 

@@ -86,10 +86,13 @@ class _Invalid(Exception):
         self.expected = expected
 
 
-# Kubernetes extended resource names: a DNS subdomain, "/", and a name of at most 63 characters.
+# Kubernetes extended resource names, as the kubelet's Register checks them
+# (v1helper.IsExtendedResourceName): "requests.<name>" must be a qualified name, so the domain
+# is a DNS subdomain of at most 253 - len("requests.") = 244 characters, and a name containing
+# "kubernetes.io/" is a native resource. fullmatch: Go's `$` does not match before a newline.
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-_DOMAIN = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
-_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_DOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
+_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 _HEX_ID = re.compile(r"^(0x)?([0-9a-f]{4})$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _DRIVER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -97,15 +100,19 @@ _DRIVER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 def _resource_name(value: str) -> str:
     expected = (
-        "<domain>/<name> such as kernel.org/virt"
-        " (lower-case DNS domain; name of letters, digits, '-', '_', '.')"
+        "<domain>/<name> such as kernel.org/virt (a lower-case DNS domain of at most 244"
+        " characters, not kubernetes.io; a name of at most 63 letters, digits, '-', '_', '.')"
     )
     domain, sep, name = value.partition("/")
     if not sep or not domain or not name:
         raise _Invalid(f"{value!r} is not <domain>/<name>", expected)
-    if len(domain) > 253 or not _DOMAIN.match(domain):
-        raise _Invalid(f"{domain!r} is not a DNS domain", expected)
-    if len(name) > 63 or not _NAME.match(name):
+    if "kubernetes.io/" in value or value.startswith("requests."):
+        raise _Invalid(f"{value!r} is reserved for Kubernetes (the kubelet refuses it)", expected)
+    if "/" in name:
+        raise _Invalid(f"{value!r} has more than one '/'", expected)
+    if len(domain) > 244 or not _DOMAIN.fullmatch(domain):
+        raise _Invalid(f"{domain!r} is not a DNS domain of at most 244 characters", expected)
+    if len(name) > 63 or not _NAME.fullmatch(name):
         raise _Invalid(f"{name!r} is not a valid resource name (at most 63 characters)", expected)
     return value
 

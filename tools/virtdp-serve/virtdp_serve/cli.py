@@ -86,16 +86,13 @@ def run(
 ) -> None:
     logs.setup(log_format.value, verbose)
     # Imported after logging is set up: these imports are the heavy part.
-    from virtdp_serve.daemon import Daemon, kubelet_refusal
+    from virtdp_serve.daemon import Daemon
     from virtdp_serve.plugin import ServeError
 
     try:
         cfg = pools.load_config(str(config) if config is not None else None)
     except pools.ConfigError as e:
         raise _fail(EXIT_USAGE, f"config error: {e}") from None
-    refusal = kubelet_refusal(cfg)
-    if refusal is not None:
-        raise _fail(EXIT_USAGE, f"config error: {refusal}")
     if not (sysfs_root / "bus" / "pci" / "devices").is_dir():
         raise _fail(
             EXIT_USAGE,

@@ -43,19 +43,6 @@ def _file_id(path: Optional[str]) -> Optional[Tuple[int, int, int, int]]:
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def kubelet_refusal(config: pools.Config) -> Optional[str]:
-    """The first pool whose resource name the kubelet's Register would refuse, as a message
-    naming the file, the key and what is expected; None when every name is acceptable."""
-    for i, pool in enumerate(config.pools):
-        problem = registration.resource_name_problem(pool.resource_name)
-        if problem is not None:
-            return (
-                f"{config.source}: pools[{i}].resourceName: the kubelet refuses it: {problem}; "
-                f"expected {registration.EXPECTED_RESOURCE_NAME}"
-            )
-    return None
-
-
 class Daemon:
     def __init__(
         self,
@@ -191,11 +178,6 @@ class Daemon:
         except pools.ConfigError as e:
             metrics.CONFIG_RELOADS.labels("rejected").inc()
             log.error("config reload (%s) rejected, keeping the running config: %s", why, e)
-            return False
-        refusal = kubelet_refusal(new)
-        if refusal is not None:
-            metrics.CONFIG_RELOADS.labels("rejected").inc()
-            log.error("config reload (%s) rejected, keeping the running config: %s", why, refusal)
             return False
         old = self.inventory.config
         if new.pools == old.pools:

@@ -10,7 +10,6 @@ could not dial back) or channel.SocketUnavailable (no kubelet there yet); the ca
 from __future__ import annotations
 
 import os
-import re
 from typing import Optional
 
 import grpc
@@ -23,35 +22,6 @@ KUBELET_SOCKET_NAME = "kubelet.sock"
 CHECKPOINT_NAME = "kubelet_internal_checkpoint"
 # The kubelet dials the plugin back with a 10 s deadline before it answers Register.
 REGISTER_TIMEOUT = 12.0
-
-
-# k8s.io/apimachinery validation, anchored at the very end of the text as Go's regexps are.
-_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_QUALIFIED_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
-EXPECTED_RESOURCE_NAME = (
-    "<domain>/<name>: a lower-case DNS domain of at most 244 characters that does not contain "
-    "'kubernetes.io/', and a name of at most 63 letters, digits, '-', '_' or '.'"
-)
-
-
-def resource_name_problem(name: str) -> Optional[str]:
-    """Why the kubelet's Register would refuse `name` (v1helper.IsExtendedResourceName), or
-    None. The kubelet checks "requests.<name>" as a qualified name, so the domain may have at
-    most 253 - len("requests.") characters."""
-    if "/" not in name:
-        return f"{name!r} has no domain part"
-    if "kubernetes.io/" in name:
-        return f"{name!r} is in the kubernetes.io namespace, which is reserved"
-    if name.startswith("requests."):
-        return f"{name!r} starts with 'requests.', which is reserved for quota"
-    prefix, _, short = ("requests." + name).partition("/")
-    if "/" in short:
-        return f"{name!r} has more than one '/'"
-    if len(prefix) > 253 or not _DNS1123_SUBDOMAIN.fullmatch(prefix):
-        return f"domain {name.partition('/')[0]!r} is not a DNS subdomain of at most 244 characters"
-    if not 0 < len(short) <= 63 or not _QUALIFIED_NAME.fullmatch(short):
-        return f"name {short!r} is not 1-63 letters, digits, '-', '_' or '.' (alphanumeric ends)"
-    return None
 
 
 class RegistrationError(RuntimeError):
