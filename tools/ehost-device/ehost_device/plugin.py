@@ -251,19 +251,26 @@ def _add_result(
 # -- DEL ----------------------------------------------------------------------------------------
 
 
+def _start_ipam(
+    command: str, env: Env, c: Conf, environ: Mapping[str, str]
+) -> Tuple[Optional[ipam.Delegation], Optional[CniError]]:
+    """Start the IPAM plugin's `command` to run alongside ours: (the call, or why it could not
+    start). No IPAM configured: (None, None)."""
+    if not c.ipam_type:
+        return None, None
+    try:
+        return ipam.start(c.ipam_type, command, environ, c.raw, list(env.path)), None
+    except CniError as e:
+        return None, e
+
+
 def cmd_del(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
     """Best effort, idempotent: give the NIC back if it is anywhere we can see, and IPAM DEL.
 
     The two do not depend on each other: IPAM DEL starts first and runs alongside. Errors are
     reported NIC first, IPAM second.
     """
-    pending: Optional[ipam.Delegation] = None
-    ipam_error: Optional[CniError] = None
-    if c.ipam_type:
-        try:
-            pending = ipam.start(c.ipam_type, "DEL", environ, c.raw, list(env.path))
-        except CniError as e:
-            ipam_error = e
+    pending, ipam_error = _start_ipam("DEL", env, c, environ)
     try:
         errors = _del_nic(env, c)
     finally:
@@ -414,13 +421,7 @@ def cmd_check(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
     if netns.is_own(env.netns):
         raise _own_netns(env)
     # IPAM CHECK starts first and runs alongside ours; ours is reported first.
-    pending: Optional[ipam.Delegation] = None
-    ipam_error: Optional[CniError] = None
-    if c.ipam_type:
-        try:
-            pending = ipam.start(c.ipam_type, "CHECK", environ, c.raw, list(env.path))
-        except CniError as e:
-            ipam_error = e
+    pending, ipam_error = _start_ipam("CHECK", env, c, environ)
     try:
         with netns.open_ns(env.netns) as pod:
             _check_pod(env, c, pod, prev)
