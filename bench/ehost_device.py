@@ -72,6 +72,11 @@ def inner(args: argparse.Namespace) -> None:
     """The timing loop, inside the node namespace."""
     ours = ehost_command(args.source)
     ours_env = {} if ours[0].endswith(".pex") else {"PYTHONPATH": os.environ["BENCH_PYTHONPATH"]}
+    # The node policy points ehost-device at the fake tree (never the network config).
+    policy = os.path.join(os.path.dirname(os.path.abspath(args.sysfs)), "ehost-device.yaml")
+    with open(policy, "w") as f:
+        f.write(f"sysfsRoot: {json.dumps(args.sysfs)}\n")
+    ours_env["EHOST_DEVICE_POLICY"] = policy
     plugins = {
         "ehost-device": (
             ours,
@@ -80,7 +85,6 @@ def inner(args: argparse.Namespace) -> None:
                 "name": "bench",
                 "type": "ehost-device",
                 "deviceID": "0000:00:05.0",
-                "sysfsRoot": args.sysfs,
                 "ipam": ipam("198.51.100.10/24"),
             },
             args.pod_a,

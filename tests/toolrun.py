@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def tool_command(name: str) -> list[str]:
     """argv that runs one of the four tools the way it ships.
@@ -21,3 +23,18 @@ def tool_command(name: str) -> list[str]:
         if os.path.exists(path):
             return [path]
     return [sys.executable, "-m", name.replace("-", "_")]
+
+
+def node_policy(path: os.PathLike[str] | str, sysfs_root: str, **settings: object) -> dict:
+    """Write an ehost-device node policy file at `path` (sysfsRoot on `sysfs_root`, plus
+    `settings`, e.g. logFile) and return the environment that points the plugin at it.
+
+    Node-side settings reach ehost-device only this way, never through a network config."""
+    import json
+    import os
+
+    values = {"sysfsRoot": str(sysfs_root), **settings}
+    lines = [f"{k}: {json.dumps(v)}" for k, v in values.items()]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return {"EHOST_DEVICE_POLICY": os.fspath(path)}

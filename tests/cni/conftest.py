@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import pytest
 from fakesysfs import FakeSysfs
 from netlab import Netns, ip, tag, veth
-from toolrun import tool_command
+from toolrun import node_policy, tool_command
 
 CNI_BIN = "/usr/lib/cni"
 VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
@@ -55,6 +55,14 @@ class Rig:
         self.namespaces: List[Netns] = []
         self.node = self.netns("cn")
         self.wire = self.netns("cw")
+        # The node policy: node-side settings (the fake tree) never come from the config.
+        self.policy = tmp_path / "ehost-device.yaml"
+        self.write_policy()
+
+    def write_policy(self, **settings: Any) -> Path:
+        """Rewrite the node policy file: sysfsRoot on the fake tree, plus `settings`."""
+        node_policy(self.policy, str(self.fake.root), **settings)
+        return self.policy
 
     # -- building ----------------------------------------------------------------------------
     def netns(self, prefix: str) -> Netns:
@@ -125,7 +133,6 @@ class Rig:
             "cniVersion": version,
             "name": "vnet",
             "type": "ehost-device",
-            "sysfsRoot": str(self.fake.root),
             "ipam": ipam if ipam is not None else self.host_local(),
         }
         c.update(kw)
@@ -164,6 +171,7 @@ class Rig:
             "CNI_IFNAME": ifname,
             "CNI_PATH": cni_path,
             "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=p",
+            "EHOST_DEVICE_POLICY": str(self.policy),
         }
         e.update(env or {})
         for k in drop:

@@ -86,6 +86,9 @@ def test_bad_container_id_and_command(setup):
         ("mtu", "1500", 7, "mtu"),
         ("mac", "not-a-mac", 7, "mac"),
         ("sysfsRoot", "relative/sys", 7, "sysfsRoot"),
+        ("sysfsRoot", "/sys", 7, "node setting"),
+        ("logFile", "/tmp/x.log", 7, "node setting"),
+        ("executorSocket", "/tmp/x.sock", 7, "node setting"),
         ("logLevel", "loud", 7, "logLevel"),
         ("pciBusID", "0000:00:06.0", 7, "conflicting"),
     ],
@@ -175,7 +178,8 @@ def test_ipam_config_invalid_for_the_real_plugin(setup):
 def test_stdout_is_only_json_even_with_debug_logging(setup, tmp_path):
     rig, pod, before = setup
     log = tmp_path / "ehost.log"
-    conf = rig.conf("1.0.0", deviceID=PCI, logLevel="debug", logFile=str(log))
+    rig.write_policy(logFile=str(log))
+    conf = rig.conf("1.0.0", deviceID=PCI, logLevel="debug")
     run = rig.cni("ADD", conf, pod=pod)
     out = run.ok()
     assert json.loads(run.stdout) == out

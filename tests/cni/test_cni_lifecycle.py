@@ -155,6 +155,8 @@ def test_status_and_gc(rig):
     # host-local predates STATUS/GC: ready when it answers VERSION; GC has nothing to forward.
     rig.cni("GC", dict(conf, **{"cni.dev/valid-attachments": []})).ok()
     rig.cni("STATUS", dict(conf, ipam={"type": "no-such-ipam"})).error(50)
-    rig.cni("STATUS", dict(conf, sysfsRoot=str(rig.tmp / "nowhere"))).error(50)
+    rig.write_policy(sysfsRoot=str(rig.tmp / "nowhere"))
+    rig.cni("STATUS", conf).error(50)
+    rig.write_policy()
     rig.cni("STATUS", rig.conf("1.0.0")).error(1)
     rig.cni("GC", dict(conf, **{"cni.dev/valid-attachments": "x"})).error(7)

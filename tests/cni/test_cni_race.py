@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 
 from conftest import finish
@@ -59,10 +60,13 @@ def test_lock_is_per_device_and_per_sysfs_tree(rig, tmp_path):
         assert PCI in err["msg"]
         assert rig.has_link("ens5") and not rig.has_link("net1", pod)
         # Tree B's NIC with the same address is not held up by tree A's lock.
-        conf_b = rig.conf("1.0.0", deviceID=PCI, sysfsRoot=str(other.root))
-        rig.cni("ADD", conf_b, pod=pod).ok()
+        conf_b = rig.conf("1.0.0", deviceID=PCI)
+        policy_b = tmp_path / "policy-b.yaml"
+        policy_b.write_text(f"sysfsRoot: {json.dumps(str(other.root))}\n")
+        env_b = {"EHOST_DEVICE_POLICY": str(policy_b)}
+        rig.cni("ADD", conf_b, pod=pod, env=env_b).ok()
         assert rig.has_link("net1", pod) and not rig.has_link("ens6")
-        rig.cni("DEL", conf_b, pod=pod).ok()
+        rig.cni("DEL", conf_b, pod=pod, env=env_b).ok()
         assert rig.has_link("ens6")
     finally:
         os.close(fd)

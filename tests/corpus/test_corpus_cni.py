@@ -10,8 +10,14 @@ A case file holds:
 - `expect`: `code` and a `fragment` that msg or details must contain;
 - `names_real_nic`: the invocation names the node's NIC (it is checked untouched either way).
 
+- `absent_after`: paths that must not exist after the call (nothing created).
+
 Placeholders: @PCI@ the real NIC, @E1000@ a non-virtio NIC, @UNBOUND@ a virtio device without
-virtio_net, @ABSENT@ an address with nothing there, @SYSFS@, @IPAM_DIR@.
+virtio_net, @ABSENT@ an address with nothing there, @SYSFS@, @IPAM_DIR@, @TMP@ a scratch
+directory. The node's own NICs, which the node policy must refuse: @UPLINK@ (ens7, the node
+namespace's IPv4 default route), @UPLINK6@ (ens8, an IPv6 default route in routing table 100),
+@ADDRNIC@ (ens9, an address the node routes with). @OTHER@ (ens10) is an eligible NIC outside
+the pool that the policy file @POLICY_POOLS@ allows; @POLICY_BAD@ is a malformed policy file.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any, Dict, Iterator
 import pytest
 from fakesysfs import FakeSysfs
 from netlab import Netns, ip, tag, veth
-from toolrun import tool_command
+from toolrun import node_policy, tool_command
 
 CASES = sorted((Path(__file__).parent / "cni").glob("*.json"))
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -62,12 +68,43 @@ class CorpusNode:
         self.sysfs.add_virtio_nic(self.places["@PCI@"], "ens5", mac=self.state()["mac"])
         self.sysfs.add_non_virtio_nic(self.places["@E1000@"], "ens6")
         self.sysfs.add_virtio_nic(self.places["@UNBOUND@"], None, driver=None)
+        # The node's own NICs: a test namespace's own routes, never the machine's.
+        self.places.update({"@UPLINK@": f"{dom}:00:08.0", "@UPLINK6@": f"{dom}:00:09.0"})
+        self.places.update({"@ADDRNIC@": f"{dom}:00:0a.0", "@OTHER@": f"{dom}:00:0b.0"})
+        own = {"@UPLINK@": "ens7", "@UPLINK6@": "ens8", "@ADDRNIC@": "ens9", "@OTHER@": "ens10"}
+        for place, name in own.items():
+            veth(self.node, name, self.wire, f"w{name}")
+            mac = self.state(name)["mac"]
+            self.sysfs.add_virtio_nic(self.places[place], name, mac=mac)
+        ip("addr", "add", "192.0.2.2/24", "dev", "ens7", ns=self.node.name)
+        ip("route", "add", "default", "via", "192.0.2.1", "dev", "ens7", ns=self.node.name)
+        ip("-6", "route", "add", "default", "dev", "ens8", "table", "100", ns=self.node.name)
+        ip("addr", "add", "198.18.0.2/24", "dev", "ens9", ns=self.node.name)
         self.ipam_dir = tmp / "ipam"
         self.places["@SYSFS@"] = str(self.sysfs.root)
         self.places["@IPAM_DIR@"] = str(self.ipam_dir)
+        self.policy_env = node_policy(tmp / "ehost-device.yaml", str(self.sysfs.root))
+        pools = tmp / "pools.yaml"
+        pools.write_text(
+            "pools:\n"
+            "  - resourceName: example.com/other\n"
+            f"    selectors: {{pciAddresses: ['{self.places['@OTHER@']}']}}\n"
+            "  - resourceName: kernel.org/virt\n"
+        )
+        self.places["@POLICY_POOLS@"] = str(tmp / "policy-pools.yaml")
+        node_policy(
+            tmp / "policy-pools.yaml",
+            str(self.sysfs.root),
+            allowedPools=["kernel.org/virt"],
+            poolConfig=str(pools),
+        )
+        self.places["@POLICY_BAD@"] = str(tmp / "policy-bad.yaml")
+        (tmp / "policy-bad.yaml").write_text("sysfsRoot: sys\n")
+        self.places["@TMP@"] = str(tmp / "scratch")
+        (tmp / "scratch").mkdir()
 
-    def state(self) -> Dict[str, Any]:
-        link = json.loads(ip("-j", "link", "show", "dev", "ens5", ns=self.node.name).stdout)[0]
+    def state(self, name: str = "ens5") -> Dict[str, Any]:
+        link = json.loads(ip("-j", "link", "show", "dev", name, ns=self.node.name).stdout)[0]
         return {
             "name": link["ifname"],
             "mac": link["address"],
@@ -120,6 +157,7 @@ def test_bad_cni_invocation(case_file: Path, corpus_node: CorpusNode, figures):
         "stdin_base64",
         "expect",
         "names_real_nic",
+        "absent_after",
     }, f"{case_file.name}: unknown keys"
     env = {
         "PATH": PATH,
@@ -129,6 +167,7 @@ def test_bad_cni_invocation(case_file: Path, corpus_node: CorpusNode, figures):
         "CNI_IFNAME": "net1",
         "CNI_PATH": "/usr/lib/cni",
         "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=corpus",
+        **corpus_node.policy_env,
     }
     argv = tool_command("ehost-device")
     if not argv[0].endswith(".pex") and os.environ.get("PYTHONPATH"):
@@ -143,7 +182,6 @@ def test_bad_cni_invocation(case_file: Path, corpus_node: CorpusNode, figures):
         "name": "corpus",
         "type": "ehost-device",
         "deviceID": corpus_node.places["@PCI@"],
-        "sysfsRoot": corpus_node.places["@SYSFS@"],
         "ipam": {
             "type": "host-local",
             "dataDir": corpus_node.places["@IPAM_DIR@"],
@@ -157,7 +195,8 @@ def test_bad_cni_invocation(case_file: Path, corpus_node: CorpusNode, figures):
     else:
         data = json.dumps(merge_patch(base, case.get("stdin_patch", {}))).encode()
 
-    before = corpus_node.state()
+    nics = ("ens5", "ens7", "ens8", "ens9", "ens10")
+    before = [corpus_node.state(n) for n in nics]
     proc = subprocess.run(
         ["ip", "netns", "exec", corpus_node.node.name, *argv],
         env=env,
@@ -175,10 +214,12 @@ def test_bad_cni_invocation(case_file: Path, corpus_node: CorpusNode, figures):
     fragment = case["expect"]["fragment"]
     assert fragment in err["msg"] + " " + err["details"], f"{fragment!r} not in {err}"
 
-    after = corpus_node.state()
+    after = [corpus_node.state(n) for n in nics]
     lost = after != before or corpus_node.pod_links() != ["lo"]
     leaked = corpus_node.leases()
     figures.add(nics_lost=int(lost), leases_leaked=len(leaked))
     assert after == before, f"the NIC changed: {before} -> {after}"
     assert corpus_node.pod_links() == ["lo"]
     assert leaked == []
+    for path in case.get("absent_after", []):
+        assert not os.path.lexists(path), f"{case['description']}: {path} was created"

@@ -22,7 +22,7 @@ import pytest
 import typer
 import yaml
 from netlab import Netns, veth
-from toolrun import tool_command
+from toolrun import node_policy, tool_command
 
 from virtcore import checkpoint, devinfo
 from virtcore.kubelet import deviceplugin_pb2, deviceplugin_pb2_grpc, podresources, registration
@@ -333,8 +333,11 @@ def test_nad_config_plumbs_a_nic_with_the_real_ehost_device(
     (nad,) = load(deployments, "ehost-device-nad.yaml")
     conf = json.loads(nad["spec"]["config"])
     conf["ipam"]["dataDir"] = str(tmp_path / "leases")
-    conf["logFile"] = str(tmp_path / "ehost-device.log")
-    conf["sysfsRoot"] = str(fake_sysfs.root)
+    policy_env = node_policy(
+        tmp_path / "ehost-device.yaml",
+        str(fake_sysfs.root),
+        logFile=str(tmp_path / "ehost-device.log"),
+    )
     pci_address = "0000:00:0b.0"
     conf["deviceID"] = conf["pciBusID"] = pci_address
 
@@ -352,6 +355,7 @@ def test_nad_config_plumbs_a_nic_with_the_real_ehost_device(
             # host-local refuses the K8S_* keys it does not know.
             "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=virtdp-test-a;"
             "K8S_POD_INFRA_CONTAINER_ID=deploytest",
+            **policy_env,
         }
 
         def cni(command: str) -> subprocess.CompletedProcess:

@@ -44,7 +44,7 @@ from fakesysfs import FakeSysfs
 from netlab import Netns, ip, tag, veth
 from testkubelet import TestKubelet
 from testpodresources import Container, Pod, PodResourcesServer, checkpoint_json
-from toolrun import tool_command
+from toolrun import node_policy, tool_command
 
 from virtcore import devinfo
 from virtcore.kubelet import deviceplugin_pb2, podresources
@@ -201,6 +201,7 @@ class Node:
         self.ipam_dir = tmp_path / "ipam"
         self.cni_bin = tmp_path / "cni-bin"  # wrappers of the real plugins, for fault injection
         self.sysfs = FakeSysfs(self.root / "sys")
+        self.policy_env = node_policy(self.root / "ehost-device.yaml", str(self.sysfs.root))
         self.dp_dir.mkdir()
         self.serve_log = self.root / "serve.log"
         self.node = self._netns("ven")
@@ -421,7 +422,6 @@ class Node:
             "cniVersion": "1.0.0",
             "name": NETWORK,
             "type": "ehost-device",
-            "sysfsRoot": str(self.sysfs.root),
             "ipam": {
                 "type": "host-local",
                 "dataDir": str(self.ipam_dir),
@@ -446,6 +446,7 @@ class Node:
         timeout: float = 60,
     ):  # type: ignore[no-untyped-def]
         env = _cni_env(command, container_id, netns_path, ifname, pod, cni_path, extra_env)
+        env = {**self.policy_env, **env}
         cmd = ["ip", "netns", "exec", self.node.name, *tool_command("ehost-device")]
         if background:  # its own process group: the test may kill it with its children
             conf_file = self.tmp / f"conf-{tag(8)}.json"

@@ -17,14 +17,15 @@ from inspectlab import inspect_json, pci_domain
 from netlab import ip, namespaces, tag, veth
 from testkubelet import TestKubelet
 from testpodresources import Container, Pod, PodResourcesServer
-from toolrun import tool_command
+from toolrun import node_policy, tool_command
 
 RES = "kernel.org/virt"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def _cni(node, command: str, conf: dict, pod, ifname: str = "net1"):
+def _cni(node, command: str, conf: dict, pod, ifname: str = "net1", policy=None):
     env = {
+        **(policy or {}),
         "PATH": PATH,
         "CNI_COMMAND": command,
         "CNI_CONTAINERID": "ctr-" + tag(6),
@@ -94,19 +95,19 @@ def test_serve_allocate_plumb_then_inspect_sees_it_all(short_dir):
             (chosen,), _ = kubelet.allocate(RES, 1, owner="default/web/app")
             host_name, numa = nics[chosen]
 
+            policy = node_policy(short_dir / "policy.yaml", str(sysfs.root))
             conf = {
                 "cniVersion": "1.0.0",
                 "name": "vnet",
                 "type": "ehost-device",
                 "deviceID": chosen,
-                "sysfsRoot": str(sysfs.root),
                 "ipam": {
                     "type": "host-local",
                     "dataDir": str(short_dir / "ipam"),
                     "ranges": [[{"subnet": "198.51.100.0/24"}]],
                 },
             }
-            add = _cni(node, "ADD", conf, pod)
+            add = _cni(node, "ADD", conf, pod, policy=policy)
             assert add.returncode == 0, add.stdout + add.stderr
             address = json.loads(add.stdout)["ips"][0]["address"]
             sysfs.move_netdev_away(chosen)  # what the node's sysfs now shows
@@ -161,7 +162,7 @@ def test_serve_allocate_plumb_then_inspect_sees_it_all(short_dir):
             assert address in nic["addresses"]
 
             # DEL gives the NIC back: no longer found in any pod namespace, back on the host.
-            dele = _cni(node, "DEL", conf, pod)
+            dele = _cni(node, "DEL", conf, pod, policy=policy)
             assert dele.returncode == 0, dele.stdout + dele.stderr
             sysfs.add_netdev(chosen, host_name)
             found, _ = inspect_json("netns")

@@ -70,7 +70,11 @@ def _match_link(
     return None
 
 
-def _exclusion(fn: sysfs.VirtioNic, families: Tuple[str, ...]) -> Optional[str]:
+def exclusion(
+    fn: sysfs.VirtioNic, families: Tuple[str, ...], in_use: Tuple[str, ...] = ()
+) -> Optional[str]:
+    """Why the NIC may not be handed to pods (None: it may). `families`: the default routes its
+    link carries; `in_use`: its addresses the node's routes use (netlink.Snapshot)."""
     reasons = []
     if fn.vendor is None or fn.device is None:
         reasons.append("PCI vendor/device IDs unreadable")
@@ -82,7 +86,14 @@ def _exclusion(fn: sysfs.VirtioNic, families: Tuple[str, ...]) -> Optional[str]:
         reasons.append("no driver bound to the virtio device")
     if families:
         reasons.append(f"carries the {' and '.join(families)} default route")
+    if in_use:
+        reasons.append(f"the node routes through its address {', '.join(in_use)}")
     return "; ".join(reasons) or None
+
+
+def describe(fn: sysfs.VirtioNic, snap: netlink.Snapshot) -> Nic:
+    """One PCI function as an inventory entry, its link found in `snap`."""
+    return _nic(fn, snap, snap.by_parent("virtio"), snap.by_name())
 
 
 def _nic(
@@ -94,7 +105,9 @@ def _nic(
     problems = list(fn.problems)
     link = _match_link(fn, by_parent, by_name, problems)
     families = snap.default_routes.get(link.index, ()) if link else ()
-    reason = _exclusion(fn, families)
+    # Addresses the node routes with do not exclude a NIC here (an operator may pool an
+    # addressed NIC); ehost-device's guard refuses to move one (`exclusion(..., in_use)`).
+    reason = exclusion(fn, families)
     return Nic(
         pci_address=fn.pci_address,
         virtio_name=fn.virtio_name,

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 from ehost_device import LATEST as LATEST
 from ehost_device import SUPPORTED_VERSIONS as SUPPORTED_VERSIONS
+
+if TYPE_CHECKING:
+    from ehost_device.policy import Policy
 
 COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION")
 
@@ -34,6 +37,13 @@ E_IPAM = 105  # IPAM plugin missing or failed
 E_IPAM_RESULT = 106  # IPAM result unusable
 E_NETLINK = 107  # a link, address or route operation failed
 E_CHECK = 108  # CHECK found the attachment not as expected
+E_POLICY = 109  # the node policy file (or the pool config it names) is unusable
+E_NOT_ALLOWED = 110  # the node policy refuses the NIC: the node's own, or outside allowed pools
+
+# Settings of the node, not of a network: a network config is tenant input (whoever may write a
+# NetworkAttachmentDefinition), so these keys are refused there (DEL ignores them) and read from
+# the node policy file instead (ehost_device.policy).
+NODE_KEYS = ("logFile", "sysfsRoot", "executorSocket")
 
 # Container IDs and network names (spec 1.1, sections 1 and 2; libcni's ValidateNetworkName).
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -97,12 +107,13 @@ class Conf:
     mtu: Optional[int]
     mac: Optional[str]
     ipam_type: Optional[str]
-    sysfs_root: str
-    log_file: Optional[str]
-    log_level: str
+    sysfs_root: str  # from the node policy
+    log_file: Optional[str]  # from the node policy
+    log_level: str  # the config's logLevel, else the node policy's
     lock_timeout: float
     prev_result: Optional[Dict[str, Any]]
     dns: Dict[str, Any]  # the config's own `dns` (spec 1.1, section 1), {} if none
+    policy: Policy = field(repr=False, compare=False)  # the node's settings
     raw: Dict[str, Any] = field(repr=False, compare=False)  # the config as received
 
 
@@ -206,8 +217,26 @@ def _opt_str(obj: Mapping[str, Any], key: str) -> Optional[str]:
     return v
 
 
-def load_conf(obj: Dict[str, Any], cni_version: str, *, need_nic: bool = True) -> Conf:
-    """Validate the plugin config (already decoded, version already checked).
+def refuse_node_keys(obj: Mapping[str, Any], policy_source: str) -> None:
+    """A network config may not steer host paths: refuse the keys that belong to the node."""
+    from ehost_device.policy import ENV
+
+    found = [k for k in NODE_KEYS if k in obj]
+    if found:
+        raise CniError(
+            E_INVALID_CONFIG,
+            f"invalid network configuration: {', '.join(found)} is a node setting",
+            f"{' and '.join(found)} may not come from a network config (tenant input); "
+            f"the node sets it in the ehost-device policy file ({policy_source}; "
+            f"path from {ENV}, default /etc/virtdp/ehost-device.yaml)",
+        )
+
+
+def load_conf(
+    obj: Dict[str, Any], cni_version: str, policy: Policy, *, need_nic: bool = True
+) -> Conf:
+    """Validate the plugin config (already decoded, version already checked; node keys already
+    refused or, for DEL, ignored) against the node's `policy`.
 
     `need_nic`: ADD and CHECK must be told which NIC; DEL finds it by its mark, STATUS and GC
     do not touch NICs.
@@ -301,13 +330,7 @@ def load_conf(obj: Dict[str, Any], cni_version: str, *, need_nic: bool = True) -
         if not isinstance(ipam_type, str) or not ipam_type or "/" in ipam_type:
             raise _bad("ipam.type", ipam_type, "expected the IPAM plugin's file name")
 
-    sysfs_root = obj.get("sysfsRoot", "/sys")
-    if not isinstance(sysfs_root, str) or not sysfs_root.startswith("/"):
-        raise _bad("sysfsRoot", sysfs_root, "expected an absolute path (default /sys)")
-    log_file = _opt_str(obj, "logFile")
-    if log_file is not None and not log_file.startswith("/"):
-        raise _bad("logFile", log_file, "expected an absolute path")
-    log_level = obj.get("logLevel", "info")
+    log_level = obj.get("logLevel", policy.log_level)
     if log_level not in _LOG_LEVELS:
         raise _bad("logLevel", log_level, f"expected one of {', '.join(_LOG_LEVELS)}")
     lock_timeout = obj.get("lockTimeout", 10)
@@ -328,11 +351,12 @@ def load_conf(obj: Dict[str, Any], cni_version: str, *, need_nic: bool = True) -
         mtu=mtu,
         mac=mac,
         ipam_type=ipam_type,
-        sysfs_root=sysfs_root,
-        log_file=log_file,
+        sysfs_root=policy.sysfs_root,
+        log_file=policy.log_file,
         log_level=log_level,
         lock_timeout=float(lock_timeout),
         prev_result=prev,
         dns=dns,
+        policy=policy,
         raw=obj,
     )

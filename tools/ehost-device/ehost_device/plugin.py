@@ -92,6 +92,47 @@ def _host_nic(c: Conf, host: Any, pci_address: str) -> netns.Link:
     )
 
 
+def _check_allowed(c: Conf, host: Any, pci_address: str, nic: netns.Link) -> None:
+    """The node policy's guard, on the host side before anything changes: never a NIC the node
+    itself uses (a default route in any table, or addresses its routes use), and, when the
+    policy names pools, only a NIC in one of them. The config's deviceID may have been written
+    by a tenant: the device plugin keeps such NICs out of pools, this keeps them out of pods."""
+    from virtcore import discovery, netlink
+
+    try:
+        snap = netlink.read(host)
+    except netlink.NetlinkReadError as e:
+        raise CniError(cni.E_NETLINK, "cannot read the host's links and routes", str(e)) from None
+    fn = sysfs.read_function(c.sysfs_root, pci_address)
+    reason = discovery.exclusion(
+        fn, snap.default_routes.get(nic.index, ()), snap.addresses_in_use.get(nic.index, ())
+    )
+    if reason:
+        raise CniError(
+            cni.E_NOT_ALLOWED,
+            f"NIC {pci_address} ({nic.name}) is the node's own: it {reason}",
+            "ehost-device never moves a NIC the node itself uses; name a NIC from the device "
+            "plugin's pool",
+        )
+    if not c.policy.allowed_pools:
+        return
+    from ehost_device import policy
+    from virtcore import pools
+
+    try:
+        config = policy.pool_config(c.policy)
+    except pools.ConfigError as e:
+        raise CniError(cni.E_POLICY, "the node policy's pool config is unusable", str(e)) from None
+    (entry,) = pools.assign(config, [discovery.describe(fn, snap)])
+    if entry.pool not in c.policy.allowed_pools:
+        raise CniError(
+            cni.E_NOT_ALLOWED,
+            f"NIC {pci_address} ({nic.name}) is not in a pool the node policy allows",
+            f"it is in {'pool ' + entry.pool if entry.pool else 'no pool'} of {config.source}; "
+            f"{c.policy.source} allows only {', '.join(c.policy.allowed_pools)}",
+        )
+
+
 def _matches(c: Conf, mark: alias.Mark, link: netns.Link) -> bool:
     """Whether a NIC carrying `mark` is the one this config names."""
     if c.pci_address:
@@ -124,6 +165,7 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
         pci_address = _resolve_pci(c, host)
         hold.enter_context(locks.device_lock(c.sysfs_root, pci_address, c.lock_timeout))
         nic = _host_nic(c, host, pci_address)
+        _check_allowed(c, host, pci_address, nic)
         try:
             pod = hold.enter_context(netns.open_ns(env.netns))
         except netns.NamespaceNotFound as e:
@@ -548,15 +590,34 @@ COMMANDS: Dict[str, Callable[[Env, Conf, Mapping[str, str]], Optional[Dict[str, 
 }
 
 
+def _open_log(path: str) -> Any:
+    """The node policy's log file, for appending: created 0600, never through a symlink, and
+    only a regular file (not a device or FIFO; O_NONBLOCK so a FIFO cannot hang the call)."""
+    import stat
+
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    fd = os.open(path, flags, 0o600)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file")
+        return os.fdopen(fd, "a", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _setup_logging(c: Conf) -> None:
     handler: logging.Handler
     fallback = None
     if c.log_file:
         try:
-            handler = logging.FileHandler(c.log_file)
+            handler = logging.StreamHandler(_open_log(c.log_file))
         except OSError as e:
             handler = logging.StreamHandler(sys.stderr)
-            fallback = f"cannot open logFile {c.log_file}: {e.strerror}; logging to stderr"
+            fallback = (
+                f"cannot open logFile {c.log_file} ({c.policy.source}): "
+                f"{e.strerror or 'a symlink'}; logging to stderr"
+            )
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
@@ -578,6 +639,22 @@ def _own_netns(env: Env) -> CniError:
         f"{env.netns} is the namespace the runtime runs the plugin in (the host's); "
         "expected the pod's network namespace",
     )
+
+
+def _node_policy(env: Env, environ: Mapping[str, str]) -> Tuple[Any, Optional[str]]:
+    """(the node policy, a warning to log). An unusable policy file fails every command but
+    DEL, which gives NICs back with the built-in defaults instead."""
+    from ehost_device import policy
+    from virtcore.schema import ConfigError
+
+    try:
+        return policy.load(environ), None
+    except ConfigError as e:
+        if env.command != "DEL":
+            raise CniError(
+                cni.E_POLICY, "the ehost-device node policy is unusable", str(e)
+            ) from None
+        return policy.DEFAULTS, f"node policy unusable ({e}); giving the NIC back anyway"
 
 
 def _peek_version(data: bytes) -> str:
@@ -602,8 +679,20 @@ def run(environ: Mapping[str, str], data: bytes) -> Tuple[int, Optional[Dict[str
             raise
         obj = cni.parse_json(data)
         version = cni.requested_version(obj)
-        c = cni.load_conf(obj, version, need_nic=env.command in ("ADD", "CHECK"))
+        node, warning = _node_policy(env, environ)
+        if env.command == "DEL":  # a DEL is never blocked: yesterday's config may carry them
+            ignored = [k for k in cni.NODE_KEYS if k in obj]
+            if ignored:
+                warning = warning or (
+                    f"network config keys {', '.join(ignored)} ignored: node settings come "
+                    f"from {node.source}"
+                )
+        else:
+            cni.refuse_node_keys(obj, node.source)
+        c = cni.load_conf(obj, version, node, need_nic=env.command in ("ADD", "CHECK"))
         _setup_logging(c)
+        if warning:
+            log.warning("%s %s: %s", env.command, env.container_id, warning)
         cni.require_path(environ, env.command, needs_ipam=c.ipam_type is not None)
         try:
             out = COMMANDS[env.command](env, c, environ)
