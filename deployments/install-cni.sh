@@ -3,6 +3,9 @@
 #
 #   install-cni.sh SOURCE BIN_DIR [NAME]
 #
+# The file gets mode 0755 (a plugin), or INSTALL_MODE from the environment (0644 for the node
+# policy file, which the DaemonSet installs the same way into /etc/virtdp).
+#
 # The runtime may exec BIN_DIR/NAME at any moment, also while this runs. So the file is never
 # written in place: the copy goes to a temporary file in BIN_DIR itself (same filesystem), is
 # fsynced, made executable, and then renamed over NAME. rename(2) swaps the directory entry in
@@ -59,7 +62,7 @@ trap 'rm -f -- "$tmp"' EXIT
 trap 'exit 1' HUP INT TERM
 
 cp -- "$src" "$tmp" || die 1 "copying '$src' to '$tmp' failed"
-chmod 0755 "$tmp"
+chmod "${INSTALL_MODE:-0755}" "$tmp" || die 2 "INSTALL_MODE '${INSTALL_MODE:-}': expected an octal mode such as 0644"
 sync -- "$tmp" || die 1 "fsync of '$tmp' failed"
 mv -f -- "$tmp" "$dest" || die 1 "renaming '$tmp' to '$dest' failed"
 trap - EXIT

@@ -2,7 +2,8 @@
 
 - docs/config-reference.md from `virtcore.pools` (its SCHEMA, the embedded default config and a
   real validation error);
-- docs/metrics.md from the metrics `virtdp_serve.metrics.REGISTRY` exposes.
+- docs/metrics.md from the metrics `virtdp_serve.metrics.REGISTRY` exposes;
+- docs/policy-reference.md from `ehost_device.policy` (the node policy's SCHEMA).
 
     python3 docs/gen.py            # rewrite both pages
     python3 docs/gen.py --check    # exit 1 and name the stale pages instead of writing
@@ -114,6 +115,75 @@ def _example_error(pools: Any) -> str:
     raise AssertionError(f"virtcore.pools accepted an invalid config: {bad!r}")
 
 
+def render_policy_reference() -> str:
+    from ehost_device import conf, policy
+
+    out = [
+        HEADER.format(source="ehost_device.policy.SCHEMA"),
+        "",
+        "# ehost-device node policy reference",
+        "",
+        "The CNI plugin's node-side settings. A network config (a NetworkAttachmentDefinition's",
+        "`spec.config`) is tenant input, so these never come from it: ehost-device reads them",
+        f"from `{policy.DEFAULT_PATH}` on the node, or from the file the plugin's environment",
+        f"names in `{policy.ENV}` (set by the runtime, not by tenants). The virtdp DaemonSet",
+        "installs the file from the `ehost-device.yaml` key of the `virtdp-config` ConfigMap.",
+        "",
+        f"- No file at `{policy.DEFAULT_PATH}` (and `{policy.ENV}` unset): every default below.",
+        f"- A file `{policy.ENV}` names must exist. An empty file means every default.",
+        "- An unusable file (unreadable, not YAML, a wrong key or value) fails ADD, CHECK, STATUS",
+        f"  and GC with CNI error {conf.E_POLICY} naming the file and the key, before any NIC is",
+        "  touched. DEL never fails for it: it gives the NIC back with the defaults and logs a",
+        "  warning.",
+        f"- The network-config keys {', '.join(f'`{k}`' for k in conf.NODE_KEYS)} are refused",
+        f"  (CNI error {conf.E_INVALID_CONFIG}) by every command but DEL, which ignores them.",
+        f"- ADD refuses with CNI error {conf.E_NOT_ALLOWED} a NIC the node uses itself (a default",
+        "  route in any table, IPv4 or IPv6, or an address the node's routes use) and, with",
+        "  `allowedPools`, a NIC in none of those pools.",
+        "",
+        "The file is read with a YAML subset (block mappings and lists, one-line `[a, b]` lists,",
+        "quoted and plain scalars, comments): anchors, tags and block scalars are refused.",
+        "",
+        "## Keys",
+        "",
+        "| Key | Type | Default when absent | Description |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in _schema_rows(policy.SCHEMA):
+        default = "(none)" if r["default"] is None else f"`{_cell(r['default'])}`"
+        out.append(f"| `{r['path']}` | {r['type']} | {default} | {_cell(r['description'])} |")
+    out += ["", "## Example", "", "```yaml"]
+    for r in _schema_rows(policy.SCHEMA):
+        out += _yaml_lines(r["path"], r["example"])
+    out += [
+        "```",
+        "",
+        "## Errors",
+        "",
+        "```",
+        _policy_error(policy),
+        "```",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _schema_rows(schema: Any) -> List[Dict[str, Any]]:
+    from virtcore import schema as machinery
+
+    return machinery.rows(schema)
+
+
+def _policy_error(policy: Any) -> str:
+    from virtcore.schema import ConfigError
+
+    try:
+        policy.parse("logFile: ehost-device.log\n", policy.DEFAULT_PATH)
+    except ConfigError as e:
+        return str(e)
+    raise AssertionError("ehost_device.policy accepted a relative logFile")
+
+
 _SERIES_SUFFIXES = {
     "counter": ["_total"],
     "gauge": [""],
@@ -181,6 +251,7 @@ def _sample_labels(family: Any) -> List[str]:
 PAGES: Dict[str, Callable[[], str]] = {
     "config-reference.md": render_config_reference,
     "metrics.md": render_metrics_reference,
+    "policy-reference.md": render_policy_reference,
 }
 
 

@@ -129,7 +129,7 @@ class _Reader:
     @staticmethod
     def _lines(text: str) -> List[_Line]:
         out: List[_Line] = []
-        started = False
+        started = ended = False
         for number, raw in enumerate(text.splitlines(), 1):
             if "\t" in raw[: len(raw) - len(raw.lstrip(" \t"))]:
                 raise YamlError(number, "a tab in the indentation (YAML indents with spaces)")
@@ -137,9 +137,14 @@ class _Reader:
             stripped = body.lstrip(" ")
             if not stripped:
                 continue
+            if ended:
+                raise YamlError(number, "more than one YAML document is not supported")
             if stripped.startswith("%"):
                 raise YamlError(number, "directives (%) are not supported")
-            if body in ("---", "...") or body.startswith("--- "):
+            if body == "...":  # the end of the document
+                ended = True
+                continue
+            if body == "---" or body.startswith("--- "):
                 if body.startswith("--- ") and body[4:].strip():
                     raise YamlError(number, "content on the '---' line is not supported")
                 if out or (started and body == "---"):
@@ -170,6 +175,8 @@ class _Reader:
             raise YamlError(line.number, "unexpected indentation")
         if _is_item(line.text):
             return self.sequence(indent)
+        if line.text == "?" or line.text.startswith("? "):
+            raise YamlError(line.number, "complex keys (?) are not supported")
         if _split_key(line.text, line.number) is not None:
             return self.mapping(indent)
         self.pos += 1
@@ -379,7 +386,9 @@ def _flow(text: str, start: int, number: int) -> Tuple[Any, int]:
             i += 1
         if text[i : i + 1] == ",":
             i += 1
-        elif text[i : i + 1] != closer:
+        elif i >= len(text):
+            raise YamlError(number, f"{opener!r} is not closed on its line")
+        elif text[i] != closer:
             raise YamlError(number, f"expected ',' or {closer!r} in {text!r}")
 
 

@@ -88,8 +88,8 @@ SCHEMA: Tuple[Key, ...] = (
         False,
         [],
         "Only NICs in these pools of `poolConfig` may be taken. Absent: every NIC virtdp's "
-        "discovery calls eligible (a virtio_net NIC without a default route, whose addresses "
-        "the node does not route with). The node's own NICs are refused either way.",
+        "discovery calls eligible (a virtio_net NIC without a default route). The node's own "
+        "NICs (default route, addresses the node routes with) are refused either way.",
         ["kernel.org/virt"],
         pools.check_resource_name,
     ),
