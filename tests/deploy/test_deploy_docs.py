@@ -52,7 +52,7 @@ def test_a_stale_reference_is_caught(repo_root: Path, tmp_path: Path) -> None:
     page = tmp_path / "metrics.md"
     page.write_text(page.read_text().replace("virtdp_devices", "virtdp_nics", 1))
     (tmp_path / "config-reference.md").unlink()
-    assert sorted(gen.stale_pages(tmp_path)) == sorted(gen.PAGES)
+    assert sorted(gen.stale_pages(tmp_path)) == ["config-reference.md", "metrics.md"]
 
 
 def test_references_cover_every_key_and_metric(repo_root: Path) -> None:

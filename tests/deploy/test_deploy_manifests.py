@@ -4,6 +4,7 @@ manifests agree with each other, with the pool config code and with the Containe
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -267,7 +268,7 @@ def test_containerfile_ships_the_pex_files_and_the_installer(
 def test_init_container_installs_the_shipped_plugin_into_host_cni_bin(deployments: Path) -> None:
     copies, _ = containerfile(deployments)
     spec = daemonset(deployments)["spec"]["template"]["spec"]
-    (init,) = spec["initContainers"]
+    (init,) = (c for c in spec["initContainers"] if c["name"] == "install-cni")
     script, source, bindir, name = init["command"]
     assert script == copies["deployments/install-cni.sh"]
     assert source == copies["dist/ehost-device.pex"]
@@ -278,6 +279,31 @@ def test_init_container_installs_the_shipped_plugin_into_host_cni_bin(deployment
     (mount,) = (m for m in init["volumeMounts"] if m["mountPath"] == bindir)
     assert volumes[mount["name"]]["hostPath"]["path"] == "/opt/cni/bin"
     assert not mount.get("readOnly")
+
+
+def test_init_container_installs_the_node_policy_from_the_configmap(deployments: Path) -> None:
+    # ehost-device reads /etc/virtdp/ehost-device.yaml on the host (ehost_device.policy): the
+    # init container copies the ConfigMap's key there, 0644, with the same atomic installer.
+    from ehost_device import policy
+
+    copies, _ = containerfile(deployments)
+    spec = daemonset(deployments)["spec"]["template"]["spec"]
+    (init,) = (c for c in spec["initContainers"] if c["name"] == "install-policy")
+    script, source, target_dir, name = init["command"]
+    assert script == copies["deployments/install-cni.sh"]
+    assert os.path.join(os.path.dirname(policy.DEFAULT_PATH), name) == policy.DEFAULT_PATH
+    assert {e["name"]: e["value"] for e in init["env"]} == {"INSTALL_MODE": "0644"}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in init["volumeMounts"]}
+    host = volumes[mounts[target_dir]["name"]]["hostPath"]["path"]
+    assert host == os.path.dirname(policy.DEFAULT_PATH)
+    source_dir, key = os.path.split(source)
+    cm_volume = volumes[mounts[source_dir]["name"]]
+    cm = one(deployments, "ConfigMap", cm_volume["configMap"]["name"])
+    # The shipped policy parses, and its pool config is the one virtdp-serve is given.
+    node = policy.parse(cm["data"][key], policy.DEFAULT_PATH)
+    assert node.pool_config == "/etc/virtdp/config.yaml"
+    pools.parse_config(cm["data"]["config.yaml"], "config.yaml", reader="subset")
 
 
 def test_serve_container_runs_the_wrapper_the_image_makes(deployments: Path) -> None:

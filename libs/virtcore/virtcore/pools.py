@@ -277,7 +277,7 @@ class _Walker(Walker):
 
 
 def _load_pyyaml(text: str) -> Any:
-    import yaml  # the 3.11 tools have PyYAML; ehost-device reads with virtcore.yamlsubset
+    import yaml  # pants: no-infer-dep (the 3.11 tools; ehost-device reads with yamlsubset)
 
     class UniqueKeyLoader(yaml.SafeLoader):
         """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last)."""
