@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import cri_api_pb2 as api
 import cri_api_pb2_grpc as api_grpc
 import grpc
+
 from virtcore.kubelet import channel
 
 K8S_NS = "k8s.io"
@@ -196,7 +197,9 @@ class Cri:
         )
         cid = self.call(
             "CreateContainer",
-            api.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=sandbox),
+            api.CreateContainerRequest(
+                pod_sandbox_id=pod_id, config=config, sandbox_config=sandbox
+            ),
         ).container_id
         self.call("StartContainer", api.StartContainerRequest(container_id=cid))
         return str(cid)
@@ -343,7 +346,9 @@ class Containerd:
         deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"containerd exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"containerd exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
             if os.path.exists(self.socket):
                 try:
                     self.cri = Cri(self.socket)
@@ -450,10 +455,16 @@ class Containerd:
             if self.proc is None or self.proc.poll() is not None:
                 self.start()
             assert self.cri is not None
+            failed = []
             for pod in self.cri.pods():
                 with contextlib.suppress(grpc.RpcError):
                     self.cri.stop_pod(pod.id)
-                self.cri.remove_pod(pod.id)
+                try:
+                    self.cri.remove_pod(pod.id)
+                except grpc.RpcError as e:
+                    failed.append(f"{pod.id[:12]}: {e.details()}")
+            if failed:  # the forced steps below still remove what these sandboxes hold
+                raise RuntimeError(f"RemovePodSandbox failed: {'; '.join(failed)}")
 
         @step
         def stop_containerd() -> None:
@@ -491,7 +502,9 @@ class Containerd:
             for top in self._cgroup_tops:
                 if not top.exists():
                     continue
-                dirs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+                dirs = sorted(
+                    (p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)
+                )
                 # runc removes a container's cgroup, never the parent it made for the pod.
                 for d in dirs + [top]:
                     for _ in range(20):

@@ -35,6 +35,14 @@ def _gone(lab, *pods) -> None:
         assert pod.id not in ids
 
 
+def _stop_remove(lab, pod, errors: List[BaseException]) -> None:
+    try:
+        lab.stop_pod(pod)
+        lab.remove_pod(pod)
+    except BaseException as e:  # reported by the test thread
+        errors.append(e)
+
+
 def test_pods_get_their_nics_and_reach_each_other_over_them(lab, pair):
     a, b = pair
     p1 = lab.run_pod(a)
@@ -173,15 +181,7 @@ def test_twelve_pods_churned_over_four_nics_four_at_a_time(lab):
         # ... then all four stopped and removed at once; every DEL but one carries a conflist
         # that names another pod's NIC.
         errors: List[BaseException] = []
-
-        def teardown(pod) -> None:  # type: ignore[no-untyped-def]
-            try:
-                lab.stop_pod(pod)
-                lab.remove_pod(pod)
-            except BaseException as e:
-                errors.append(e)
-
-        threads = [threading.Thread(target=teardown, args=(p,)) for p in pods]
+        threads = [threading.Thread(target=_stop_remove, args=(lab, p, errors)) for p in pods]
         for t in threads:
             t.start()
         for t in threads:
