@@ -25,7 +25,8 @@ def pair(lab):
 
 
 def _dels(lab, pod_id: str) -> List[str]:
-    """What ehost-device logged for each DEL of a sandbox (containerd passes its stderr on)."""
+    """What ehost-device logged for each successful DEL of a sandbox (containerd's libcni
+    passes a plugin's stderr to its own when the call succeeds)."""
     return re.findall(rf"INFO (DEL {pod_id}: .*)", lab.ctd.log_tail(10**7))
 
 
@@ -116,7 +117,8 @@ def test_failed_add_leaves_the_nic_home_and_no_sandbox(lab, pair):
     assert failed.value.code() == grpc.StatusCode.UNKNOWN
     details = failed.value.details()
     assert "IPAM plugin 'host-local' not found" in details, details
-    # containerd ran DEL for the failed sandbox: it succeeded, and nothing is left.
+    # containerd ran DEL for the failed sandbox, and it succeeded (containerd's libcni passes a
+    # plugin's stderr on only when the call succeeds: a failed DEL leaves no line here).
     sandbox = re.search(r'sandbox \\?"([0-9a-f]{64})', details)
     assert sandbox, details
     assert any("no NIC to give back" in d for d in _dels(lab, sandbox.group(1)))
