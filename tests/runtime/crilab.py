@@ -112,7 +112,7 @@ class CriLab:
         argv = tool_command("ehost-device")
         target = self.bin / "ehost-device"
         if len(argv) == 1:  # the shipped PEX: containerd execs the file itself
-            target.symlink_to(argv[0])
+            target.symlink_to(os.path.abspath(argv[0]))
         else:  # from source (dev loop): the same module, through a shell line
             pythonpath = os.environ.get("PYTHONPATH", "")
             target.write_text(
