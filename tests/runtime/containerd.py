@@ -25,7 +25,7 @@ import subprocess
 import tarfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import cri_api_pb2 as api
 import cri_api_pb2_grpc as api_grpc
@@ -265,7 +265,33 @@ class Containerd:
         # Per cgroup hierarchy, the first directory of cgroup_parent that does not exist yet:
         # everything runc makes is at or below it, and only that is ours to remove.
         self._cgroup_tops = self._missing_cgroup_tops()
+        self.owner: Dict[str, Any] = {
+            "pid": os.getpid(),
+            "start": _start_time(os.getpid()),
+            "cgroup_tops": [str(t) for t in self._cgroup_tops],
+            "namespaces": [],
+            "network": None,
+        }
+        self.record()
         self._write_config()
+
+    @classmethod
+    def stale(cls, root: Path, owner: Dict[str, Any]) -> Containerd:
+        """What a dead test process left under `root`, to be closed without its CRI."""
+        c = cls.__new__(cls)
+        c.root, c.owner = root, owner
+        c.socket = str(root / "containerd.sock")
+        c.log = root / "containerd.log"
+        c.proc, c.cri = None, None
+        c._cgroup_tops = [Path(t) for t in owner.get("cgroup_tops", [])]
+        return c
+
+    def record(self, **changes: Any) -> None:
+        """Note in `<root>/owner.json` what this run made, for `sweep_stale` should it die."""
+        self.owner.update(changes)
+        tmp = self.root / f".{OWNER_FILE}.tmp"
+        tmp.write_text(json.dumps(self.owner))
+        os.replace(tmp, self.root / OWNER_FILE)
 
     def _missing_cgroup_tops(self) -> List[Path]:
         tops = []
@@ -343,6 +369,7 @@ class Containerd:
                 stderr=log,
                 start_new_session=True,
             )
+        self.record(containerd=[self.proc.pid, _start_time(self.proc.pid)])
         deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:
@@ -440,9 +467,9 @@ class Containerd:
         return sorted(points, key=lambda p: (p.count("/"), p), reverse=True)
 
     # -- teardown ------------------------------------------------------------------------------
-    def close(self, network: Optional[str] = None) -> List[str]:
+    def close(self, network: Optional[str] = None, *, graceful: bool = True) -> List[str]:
         """Remove everything; returns what had to be removed by force (empty when the CRI
-        teardown left nothing behind)."""
+        teardown left nothing behind). `graceful=False`: no CRI teardown (a dead run's)."""
         forced: List[str] = []
         steps: List[Callable[[], None]] = []
 
@@ -452,6 +479,12 @@ class Containerd:
 
         @step
         def sandboxes() -> None:
+            if not graceful:
+                pid, start = self.owner.get("containerd") or (0, None)
+                if pid and start and _start_time(pid) == start:
+                    forced.append(f"containerd pid {pid}")
+                    os.kill(pid, signal.SIGKILL)
+                return
             if self.proc is None or self.proc.poll() is not None:
                 self.start()
             assert self.cri is not None
@@ -545,13 +578,32 @@ class Containerd:
         return forced
 
 
-@contextlib.contextmanager
-def running(
-    root: Path, netns: str, *, cni_bin: Path, cni_conf: Path, env: Dict[str, str]
-) -> Iterator[Containerd]:
-    c = Containerd(root, netns, cni_bin=cni_bin, cni_conf=cni_conf, env=env)
+OWNER_FILE = "owner.json"
+ROOT_PREFIX = "vcri-"
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """The process's start time (field 22 of /proc/<pid>/stat): a pid alone may be reused."""
     try:
-        c.start()
-        yield c
-    finally:
-        c.close()
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def sweep_stale() -> None:
+    """Remove what runs whose test process died without its teardown (SIGKILL, a cancelled
+    Pants sandbox) left: their containerd, shims, mounts, cgroups, namespaces, cache entries.
+    Runs of live processes (another suite running now) are left alone."""
+    for root in Path("/tmp").glob(ROOT_PREFIX + "*"):
+        try:
+            owner = json.loads((root / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or being created right now
+        if _start_time(owner["pid"]) == owner["start"]:
+            continue
+        with contextlib.suppress(Exception):
+            Containerd.stale(root, owner).close(owner.get("network"), graceful=False)
+        for name in owner.get("namespaces", []):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

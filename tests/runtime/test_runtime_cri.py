@@ -7,8 +7,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import List
 
 import containerd
@@ -198,3 +201,54 @@ def test_twelve_pods_churned_over_four_nics_four_at_a_time(lab):
 def test_suite_skips_with_a_reason_without_containerd(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     assert "containerd not found on PATH" in (containerd.missing() or "")
+
+
+_DIES = """
+import sys, time
+from pathlib import Path
+import crilab
+lab = crilab.CriLab(Path(sys.argv[1]))
+a, _ = lab.nic_pair("0000:00:0a.0", "ens10", "0000:00:0b.0", "ens11")
+lab.start()
+lab.run_pod(a)
+print(lab.root, lab.ctd.socket, " ".join(ns.name for ns in lab.namespaces), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_run_killed_mid_test_is_swept_by_the_next(tmp_path):
+    # The test process itself SIGKILLed with a pod running (a cancelled CI job): no teardown
+    # ran. The next lab's sweep removes its containerd, shim, pod, mounts and namespaces.
+    why = containerd.missing()
+    if why:
+        pytest.skip(f"containerd suite: {why}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    child = subprocess.Popen(
+        [sys.executable, "-c", _DIES, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        root, socket, namespaces = child.stdout.readline().split(" ", 2)
+        assert os.path.exists(socket)
+    finally:
+        child.kill()
+        child.wait()
+    stale = containerd.Containerd.stale(Path(root), {})
+    assert stale.shims()  # its pod outlived it
+    shim_sockets = [stale.shim_socket(t) for t in stale.task_ids()]
+    assert shim_sockets and all(os.path.exists(s) for s in shim_sockets)
+
+    containerd.sweep_stale()
+    assert not os.path.exists(root)
+    assert stale.shims() == []
+    assert not any(os.path.exists(s) for s in shim_sockets)
+    assert not any(socket in open(f"/proc/{p}/cmdline").read() for p in _pids("containerd"))
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(ns in left for ns in namespaces.split())
+    with open("/proc/self/mountinfo") as f:
+        assert root not in f.read()
+
+
+def _pids(name: str) -> List[int]:
+    out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
