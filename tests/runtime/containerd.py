@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional
 import cri_api_pb2 as api
 import cri_api_pb2_grpc as api_grpc
 import grpc
+from processes import start_time
 
 from virtcore.kubelet import channel
 
@@ -267,7 +268,7 @@ class Containerd:
         self._cgroup_tops = self._missing_cgroup_tops()
         self.owner: Dict[str, Any] = {
             "pid": os.getpid(),
-            "start": _start_time(os.getpid()),
+            "start": start_time(os.getpid()),
             "cgroup_tops": [str(t) for t in self._cgroup_tops],
             "namespaces": [],
             "network": None,
@@ -369,7 +370,7 @@ class Containerd:
                 stderr=log,
                 start_new_session=True,
             )
-        self.record(containerd=[self.proc.pid, _start_time(self.proc.pid)])
+        self.record(containerd=[self.proc.pid, start_time(self.proc.pid)])
         deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:
@@ -481,7 +482,7 @@ class Containerd:
         def sandboxes() -> None:
             if not graceful:
                 pid, start = self.owner.get("containerd") or (0, None)
-                if pid and start and _start_time(pid) == start:
+                if pid and start and start_time(pid) == start:
                     forced.append(f"containerd pid {pid}")
                     os.kill(pid, signal.SIGKILL)
                 return
@@ -582,15 +583,6 @@ OWNER_FILE = "owner.json"
 ROOT_PREFIX = "vcri-"
 
 
-def _start_time(pid: int) -> Optional[str]:
-    """The process's start time (field 22 of /proc/<pid>/stat): a pid alone may be reused."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def sweep_stale() -> None:
     """Remove what runs whose test process died without its teardown (SIGKILL, a cancelled
     Pants sandbox) left: their containerd, shims, mounts, cgroups, namespaces, cache entries.
@@ -600,7 +592,7 @@ def sweep_stale() -> None:
             owner = json.loads((root / OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue  # not ours, or being created right now
-        if _start_time(owner["pid"]) == owner["start"]:
+        if start_time(owner["pid"]) == owner["start"]:
             continue
         with contextlib.suppress(Exception):
             Containerd.stale(root, owner).close(owner.get("network"), graceful=False)
