@@ -55,8 +55,8 @@ def missing() -> Optional[str]:
 
 
 def _is_static(path: str) -> bool:
-    out = subprocess.run(["file", "-L", path], capture_output=True, text=True).stdout
-    if out:
+    if shutil.which("file"):
+        out = subprocess.run(["file", "-L", path], capture_output=True, text=True).stdout
         return "statically linked" in out or "static-pie" in out
     # `file` missing: a static binary has no PT_INTERP, so no dynamic loader path inside.
     with open(path, "rb") as f:

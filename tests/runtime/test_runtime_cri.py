@@ -242,7 +242,7 @@ def test_a_run_killed_mid_test_is_swept_by_the_next(tmp_path):
     assert not os.path.exists(root)
     assert stale.shims() == []
     assert not any(os.path.exists(s) for s in shim_sockets)
-    assert not any(socket in open(f"/proc/{p}/cmdline").read() for p in _pids("containerd"))
+    assert not any(socket in _cmdline(p) for p in _pids("containerd"))
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(ns in left for ns in namespaces.split())
     with open("/proc/self/mountinfo") as f:
@@ -250,5 +250,19 @@ def test_a_run_killed_mid_test_is_swept_by_the_next(tmp_path):
 
 
 def _pids(name: str) -> List[int]:
-    out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and open(f"/proc/{entry}/comm").read().strip() == name:
+                pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read()
+    except OSError:  # gone meanwhile
+        return ""
