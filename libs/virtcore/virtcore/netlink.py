@@ -1,8 +1,11 @@
-"""Link state and default routes, read from the kernel over rtnetlink (pyroute2).
+"""Link state and default routes, read from the kernel over rtnetlink (pyroute2), and link and
+route change events.
 
 One `snapshot()` opens one netlink socket, in the current network namespace or inside a named
 one (the socket is opened there; the calling thread never switches namespace), and reads every
-link and every IPv4/IPv6 default route of every routing table.
+link (or only the named ones) and every IPv4/IPv6 default route of every routing table.
+`event_socket()` subscribes to link and route changes of the current namespace (stdlib only,
+non-blocking, for a selector) and `parse_events()` decodes what it receives.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, Iterable, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 IFF_UP = 0x1
 RTN_UNICAST = 1
@@ -91,10 +95,10 @@ def default_routes(routes: Iterable[Any]) -> Dict[int, Tuple[str, ...]]:
     return {i: tuple(sorted(f)) for i, f in out.items()}
 
 
-def snapshot(*, netns: Optional[str] = None) -> Snapshot:
-    """Every link and the default-route links, read in the current namespace or in the network
-    namespace file `netns` (e.g. /var/run/netns/x). A missing `netns` is an error: it is never
-    created."""
+def snapshot(*, netns: Optional[str] = None, names: Optional[Sequence[str]] = None) -> Snapshot:
+    """Every link (or only the links called `names`; missing ones are left out) and the
+    default-route links, read in the current namespace or in the network namespace file `netns`
+    (e.g. /var/run/netns/x). A missing `netns` is an error: it is never created."""
     from pyroute2.iproute.linux import IPRoute  # ~140 ms: only when netlink is really read
 
     if netns is not None and not os.path.exists(netns):
@@ -109,7 +113,10 @@ def snapshot(*, netns: Optional[str] = None) -> Snapshot:
 
     try:
         with ipr:
-            links = tuple(_link(m) for m in ipr.get_links())
+            if names is None:
+                links = tuple(_link(m) for m in ipr.get_links())
+            else:
+                links = tuple(_link(m) for name in names for m in _get_link(ipr, name))
             # AF_UNSPEC dumps only IPv4 routes; ask per family. A dump covers every table.
             routes = list(ipr.route("dump", family=socket.AF_INET))
             try:
@@ -121,3 +128,114 @@ def snapshot(*, netns: Optional[str] = None) -> Snapshot:
         code = getattr(e, "code", None) or getattr(e, "errno", None) or errno.EIO
         raise NetlinkReadError(f"netlink dump failed: {os.strerror(code)}") from None
     return Snapshot(links=links, default_routes=default_routes(routes))
+
+
+def _get_link(ipr: Any, name: str) -> List[Any]:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        return list(ipr.link("get", ifname=name))
+    except NetlinkError as e:
+        if e.code in (errno.ENODEV, errno.ENOENT):
+            return []  # gone since sysfs listed it
+        raise
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV6_ROUTE = 0x400
+RTM_NEWLINK, RTM_DELLINK, RTM_NEWROUTE, RTM_DELROUTE = 16, 17, 24, 25
+IFLA_IFNAME, IFLA_CARRIER = 3, 33
+SO_RCVBUFFORCE = 33
+_NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, proto, scope, type
+_RTA = struct.Struct("=HH")
+
+
+@dataclass(frozen=True)
+class LinkEvent:
+    """RTM_NEWLINK (a link appeared or changed) or RTM_DELLINK (deleted or moved away)."""
+
+    deleted: bool
+    index: int
+    name: Optional[str]
+    admin_up: bool
+    carrier: Optional[bool]
+
+
+@dataclass(frozen=True)
+class RouteEvent:
+    """RTM_NEWROUTE/RTM_DELROUTE; `default` for a unicast default route (dst_len 0)."""
+
+    deleted: bool
+    default: bool
+
+
+def event_socket(*, receive_buffer: Optional[int] = None) -> socket.socket:
+    """A non-blocking rtnetlink socket of this namespace bound to link and route changes.
+    Reading it after the kernel dropped messages (a full buffer) raises ENOBUFS once."""
+    sock = socket.socket(
+        socket.AF_NETLINK,
+        socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+        socket.NETLINK_ROUTE,
+    )
+    try:
+        if receive_buffer:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, receive_buffer)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _attrs(data: bytes, offset: int, end: int) -> Dict[int, bytes]:
+    out = {}
+    while offset + _RTA.size <= end:
+        length, kind = _RTA.unpack_from(data, offset)
+        if length < _RTA.size:
+            break
+        out[kind & 0x3FFF] = data[offset + _RTA.size : offset + length]
+        offset += (length + 3) & ~3
+    return out
+
+
+def parse_events(data: bytes) -> List[Any]:
+    """The LinkEvents and RouteEvents in one datagram; other messages are skipped."""
+    events: List[Any] = []
+    offset = 0
+    while offset + _NLMSG.size <= len(data):
+        length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
+        if length < _NLMSG.size:
+            break
+        body, end = offset + _NLMSG.size, min(offset + length, len(data))
+        if kind in (RTM_NEWLINK, RTM_DELLINK) and body + _IFINFO.size <= end:
+            _family, _type, index, flags, _change = _IFINFO.unpack_from(data, body)
+            attrs = _attrs(data, body + _IFINFO.size, end)
+            name = attrs.get(IFLA_IFNAME)
+            carrier = attrs.get(IFLA_CARRIER)
+            events.append(
+                LinkEvent(
+                    deleted=kind == RTM_DELLINK,
+                    index=index,
+                    name=name.rstrip(b"\0").decode("utf-8", "replace") if name else None,
+                    admin_up=bool(flags & IFF_UP),
+                    carrier=None if not carrier else bool(carrier[0]),
+                )
+            )
+        elif kind in (RTM_NEWROUTE, RTM_DELROUTE) and body + _RTMSG.size <= end:
+            family, dst_len, *_rest, rtype, _rflags = _RTMSG.unpack_from(data, body)
+            events.append(
+                RouteEvent(
+                    deleted=kind == RTM_DELROUTE,
+                    default=family in _FAMILIES and dst_len == 0 and rtype == RTN_UNICAST,
+                )
+            )
+        offset += (length + 3) & ~3
+    return events
