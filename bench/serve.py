@@ -229,8 +229,21 @@ def bench_idle(nics: int, seconds: float) -> None:
         for k in range(5):
             i = nics + k
             subprocess.run(
-                ["ip", "-n", lab.node.name, "link", "add", f"t{i}", "type", "veth", "peer",
-                 "name", f"wt{i}", "netns", lab.wire.name],
+                [
+                    "ip",
+                    "-n",
+                    lab.node.name,
+                    "link",
+                    "add",
+                    f"t{i}",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    f"wt{i}",
+                    "netns",
+                    lab.wire.name,
+                ],
                 check=True,
             )
             bus, dev = divmod(i, 32)

@@ -138,7 +138,9 @@ pools:
     # Fewer usable IDs than asked: every usable one (the kubelet fills or fails on its side).
     resp = k.preferred(RES, [C, "0000:00:1f.0", "bogus"], ["bogus"], 2)
     assert list(resp.container_responses[0].deviceIDs) == [C]
-    assert lab.metric('virtdp_preferred_allocation_ignored_ids_total{resource="kernel.org/virt"}') == 4
+    assert (
+        lab.metric('virtdp_preferred_allocation_ignored_ids_total{resource="kernel.org/virt"}') == 4
+    )
     lab.wait_log("ignored 0000:00:1f.0, bogus (not devices of this pool now)")
 
     # Still serving: a good request works, the stream is alive.

@@ -107,9 +107,7 @@ def test_event_overflow_resyncs_and_the_kubelet_ends_right(lab):
         f"link set x{i} down\n"
         for i in range(1500)
     )
-    subprocess.run(
-        ["ip", "-n", lab.node.name, "-batch", "-"], input=burst, text=True, check=True
-    )
+    subprocess.run(["ip", "-n", lab.node.name, "-batch", "-"], input=burst, text=True, check=True)
     lab.cable("ens11", False)
     lab.kubelet.wait_health(RES, {A: "Healthy", B: "Unhealthy", C: "Healthy"}, timeout=20)
     lab.kubelet.wait(lambda: rescans(lab)["overflow"] >= 1, 10, "an overflow rescan")

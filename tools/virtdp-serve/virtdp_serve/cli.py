@@ -92,7 +92,8 @@ def run(
             metavar="BYTES",
             help="Receive buffer of each kernel event socket; an overflow costs a full rescan.",
         ),
-    ] = 4 << 20,
+    ] = 4
+    << 20,
     log_format: Annotated[
         LogFormat, typer.Option("--log-format", help="Log lines as text or json.")
     ] = LogFormat.text,

@@ -18,7 +18,7 @@ import signal
 import time
 from typing import Dict, List, Optional, Set, Tuple
 
-from virtcore import discovery, inotify, pools, sysfs
+from virtcore import discovery, pools, sysfs
 from virtcore.kubelet import registration
 from virtdp_serve import metrics
 from virtdp_serve.events import DEFAULT_RECEIVE_BUFFER, Batch, EventSources
