@@ -1,5 +1,5 @@
 """Health follows rtnetlink link events (no rescan, no probe): carrier loss and recovery,
-pods."""
+admin-down spares, NICs in pods."""
 
 from __future__ import annotations
 
