@@ -184,10 +184,13 @@ class Daemon:
             )
             if addr is not None:
                 targets.add(addr)
-            elif not ev.deleted and ev.name is not None:
+            elif not ev.deleted and ev.name is not None and not self.inventory.knows_link(ev.index):
+                # A link of no device we see here: a netdev of a virtio function not listed
+                # yet, or one back from a pod's namespace under a new name. Virtual links
+                # (pods' veths) have no PCI function and cost one sysfs lookup.
                 owner = self._netdev_function(ev.name)
-                if owner is not None and owner not in self.inventory.owners():
-                    targets.add(owner)  # a netdev of a virtio function we do not list yet
+                if owner is not None:
+                    targets.add(owner)
         return targets
 
     def _uevent_targets(self, batch: Batch) -> Set[str]:

@@ -94,6 +94,11 @@ class Inventory:
                 or (ifindex is not None and d.ifindex == ifindex)
             }
 
+    def knows_link(self, ifindex: int) -> bool:
+        """A device's netdev in this namespace has this index."""
+        with self.cond:
+            return any(d.visible and d.ifindex == ifindex for d in self._devices.values())
+
     def __len__(self) -> int:
         with self.cond:
             return len(self._devices)
