@@ -1,9 +1,10 @@
-"""Link state and default routes, read from the kernel over rtnetlink (pyroute2), and link and
-route change events.
+"""Link state and default routes, read from the kernel over rtnetlink, and link and route change
+events.
 
-One `snapshot()` opens one netlink socket, in the current network namespace or inside a named
-one (the socket is opened there; the calling thread never switches namespace), and reads every
-link (or only the named ones) and every IPv4/IPv6 default route of every routing table.
+One `snapshot()` opens one netlink socket, in the current network namespace (a stdlib socket
+and decoder here) or inside a named one (pyroute2, which opens its socket there; the calling
+thread never switches namespace), and reads every link (or only the named ones) and every
+IPv4/IPv6 default route of every routing table.
 `event_socket()` subscribes to link and route changes of the current namespace (stdlib only,
 non-blocking, for a selector) and `parse_events()` decodes what it receives.
 """
