@@ -63,7 +63,8 @@ def bench_flaps(flaps: int) -> None:
         lab.kubelet.wait_health(RES, {"0000:00:0a.0": "Healthy"})
         down: List[float] = []
         up: List[float] = []
-        # Back to back: the case where the kernel announces carrier loss late (see linkwatch).
+        # Back to back: the case where the kernel announces carrier loss late (linkwatch batching,
+        # see virtdp_serve/events.py: these veths share their peer's ifindex, like virtio_net).
         for _ in range(flaps):
             down.append(_flap(lab, False))
             up.append(_flap(lab, True))

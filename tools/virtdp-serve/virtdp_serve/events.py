@@ -8,11 +8,13 @@ netdev's uevents and link events only to sockets of the namespace that owns the 
 thread switches namespace and nothing forks.
 
 Link notifications and linkwatch: the kernel announces a carrier change from its linkwatch
-work. A change of a link whose iflink differs from its ifindex (veth, the tests' stand-in) is
-urgent and announced at once; for a NIC whose iflink equals its ifindex (virtio_net) a carrier
-loss can wait for the next linkwatch round, up to about 1 s, while /sys/class/net/<if>/carrier
-already shows it. That second is the documented worst case of carrier loss -> Unhealthy; no
-probe closes it (one ioctl per NIC every 50 ms cost more than everything else at rest).
+work. A change of a link whose iflink differs from its ifindex (a veth whose peer has another
+index) is urgent and announced at once; for a NIC whose iflink equals its ifindex (virtio_net) a
+carrier loss can wait for the next linkwatch round, up to about 1 s, while
+/sys/class/net/<if>/carrier already shows it. The tests' veths were made in fresh namespaces
+where both ends get index 2: linkwatch batches them like virtio_net, so the bench's carrier-loss
+figure is that worst case. No probe closes the second (one ioctl per NIC every 50 ms cost more
+than everything else at rest).
 """
 
 from __future__ import annotations
