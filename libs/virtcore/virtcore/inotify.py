@@ -54,11 +54,6 @@ class Event:
     def overflow(self) -> bool:
         return bool(self.mask & IN_Q_OVERFLOW)
 
-    @property
-    def watch_gone(self) -> bool:
-        """The directory was deleted or moved: its watch no longer reports."""
-        return bool(self.mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF))
-
 
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

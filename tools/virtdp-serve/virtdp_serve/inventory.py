@@ -99,10 +99,6 @@ class Inventory:
         with self.cond:
             return any(d.visible and d.ifindex == ifindex for d in self._devices.values())
 
-    def __len__(self) -> int:
-        with self.cond:
-            return len(self._devices)
-
     @property
     def config(self) -> pools.Config:
         return self._config
