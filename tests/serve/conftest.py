@@ -90,6 +90,21 @@ class ServeLab:
         ip("link", "set", ifname, "netns", pod.name, ns=self.node.name)
         return pod
 
+    def uevent(self, ifname: str, action: str = "change") -> None:
+        """Make the kernel emit a real uevent for the netdev `ifname` of the node namespace (it
+        goes to uevent sockets in that namespace): what a hot-plug, unbind/bind or unplug of the
+        NIC would announce, after the test changed the fake PCI tree to match."""
+        # `ip netns exec` mounts the node namespace's own /sys, where `ifname` is listed.
+        self.node.exec("sh", "-c", f"echo {action} > /sys/class/net/{ifname}/uevent")
+
+    def metric(self, text: str) -> float:
+        """The value of one series of /metrics (`name{labels}` as exposed), 0 when absent."""
+        for line in self.http("/metrics")[1].splitlines():
+            name, _, value = line.rpartition(" ")
+            if name == text:
+                return float(value)
+        return 0.0
+
     # -- config ----------------------------------------------------------------------------
     def write_config(self, text: str) -> str:
         tmp = self.config_path.with_suffix(".tmp")

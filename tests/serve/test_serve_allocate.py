@@ -17,7 +17,7 @@ RES = "kernel.org/virt"
 A, B, C, D = "0000:00:0a.0", "0000:00:0b.0", "0000:00:0c.0", "0000:00:0d.0"
 
 
-def _start(lab, config=None):
+def _start(lab, config=None, *, metrics=False):
     lab.add_nic(A, "ens10", numa_node=0)
     lab.add_nic(B, "ens11", numa_node=1)
     lab.add_nic(C, "ens12", numa_node=1)
@@ -25,7 +25,7 @@ def _start(lab, config=None):
     if config:
         lab.write_config(config)
     lab.kubelet.start()
-    lab.start(config=bool(config))
+    lab.start(config=bool(config), metrics=metrics)
     lab.kubelet.wait_registered(RES)
     mine = [A, B, C] if config else [A, B, C, D]
     lab.kubelet.wait_health(RES, {d: "Healthy" for d in mine})
@@ -93,6 +93,7 @@ pools:
     selectors: {pciAddresses: ["0000:00:0a.0", "0000:00:0b.0", "0000:00:0c.0"]}
   - resourceName: kernel.org/other
 """,
+        metrics=True,
     )
     lab.kubelet.wait_registered("kernel.org/other")
     k = lab.kubelet
@@ -128,14 +129,19 @@ pools:
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "not in available_deviceIDs" in msg
     code, msg = _code(lambda: k.preferred(RES, [A, C], [A, C], 1))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "at most allocation_size" in msg
-    code, msg = _code(lambda: k.preferred(RES, [A, "0000:00:1f.0"], [], 1))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "unknown device ID" in msg
-    code, msg = _code(
-        lambda: k.raw_preferred(RES, [req(available_deviceIDs=[A, D], allocation_size=1)])
-    )
+    # IDs that are not this pool's (a stale list at the kubelet) are ignored, never an error:
+    # the real kubelet fails the pod's admission on any error from this call.
+    resp = k.preferred(RES, [A, "0000:00:1f.0"], [], 1)
+    assert list(resp.container_responses[0].deviceIDs) == [A]
+    resp = k.raw_preferred(RES, [req(available_deviceIDs=[A, D], allocation_size=1)])
+    assert list(resp.container_responses[0].deviceIDs) == [A]
+    # Fewer usable IDs than asked: every usable one (the kubelet fills or fails on its side).
+    resp = k.preferred(RES, [C, "0000:00:1f.0", "bogus"], ["bogus"], 2)
+    assert list(resp.container_responses[0].deviceIDs) == [C]
     assert (
-        code == grpc.StatusCode.INVALID_ARGUMENT and "belongs to resource kernel.org/other" in msg
+        lab.metric('virtdp_preferred_allocation_ignored_ids_total{resource="kernel.org/virt"}') == 4
     )
+    lab.wait_log("ignored 0000:00:1f.0, bogus (not devices of this pool now)")
 
     # Still serving: a good request works, the stream is alive.
     resp = k.raw_allocate(RES, [[C]])

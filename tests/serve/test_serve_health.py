@@ -1,5 +1,5 @@
-"""Health follows netlink link events: carrier loss and recovery, admin-down spares, NICs in
-pods."""
+"""Health follows rtnetlink link events (no rescan, no probe): carrier loss and recovery,
+admin-down spares, NICs in pods."""
 
 from __future__ import annotations
 
@@ -13,18 +13,26 @@ def test_carrier_loss_and_recovery(lab):
     lab.add_nic(A, "ens10")
     lab.add_nic(B, "ens11")
     lab.kubelet.start()
-    lab.start()
+    lab.start(metrics=True)
     lab.kubelet.wait_registered(RES)
     lab.kubelet.wait_health(RES, {A: "Healthy", B: "Healthy"})
 
     lab.cable("ens11", False)
-    t0 = time.monotonic()
+    # The latency is a benchmark figure (bench/serve.py); here: it comes from the link event.
     lab.kubelet.wait_health(RES, {A: "Healthy", B: "Unhealthy"}, timeout=5)
-    # Event-driven: well under the 1 s rescan period.
-    assert time.monotonic() - t0 < 0.9
 
     lab.cable("ens11", True)
     lab.kubelet.wait_health(RES, {A: "Healthy", B: "Healthy"}, timeout=5)
+    # The link events alone did it: no full rescan, not even a single-device re-read.
+    assert lab.metric('virtdp_rescans_total{reason="start"}') == 1
+    assert (
+        sum(
+            lab.metric(f'virtdp_rescans_total{{reason="{r}"}}')
+            for r in ("resync", "overflow", "config", "kubelet", "route")
+        )
+        == 0
+    )
+    assert lab.metric('virtdp_device_refreshes_total{source="link"}') == 0
 
 
 def test_updates_only_on_change(lab):
@@ -33,7 +41,7 @@ def test_updates_only_on_change(lab):
     lab.start()
     lab.kubelet.wait_registered(RES)
     first = lab.kubelet.update_count(RES)
-    time.sleep(3.5)  # several periodic rescans with nothing changed
+    time.sleep(3.5)  # at rest: nothing is sent
     assert lab.kubelet.update_count(RES) == first
     lab.cable("ens10", False)
     lab.kubelet.wait_health(RES, {A: "Unhealthy"})

@@ -154,11 +154,40 @@ def test_sighup_reloads(lab):
     lab.kubelet.start()
     lab.start(config=True)
     lab.kubelet.wait_registered("example.com/a")
-    # Same size and mtime: only SIGHUP makes the daemon look.
+    lab.proc.send_signal(signal.SIGHUP)
+    lab.wait_log("config reload (SIGHUP): no change")
+    # Written in place, same size and mtime: inotify still reports the write.
     st = lab.config_path.stat()
     lab.config_path.write_text("pools:\n  - resourceName: example.com/b\n")
     os.utime(lab.config_path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    lab.proc.send_signal(signal.SIGHUP)
     lab.kubelet.wait_registered("example.com/b", timeout=5)
     assert lab.kubelet.health("example.com/b") == {A: "Healthy"}
-    lab.wait_log("config reload (SIGHUP) applied")
+    lab.wait_log("config reload (config file changed) applied")
+
+
+def test_configmap_update_is_seen_by_inotify(lab):
+    """The kubelet updates a mounted ConfigMap by writing a new `..<timestamp>` directory and
+    renaming a `..data` symlink over the old one; `pools.yaml` is a symlink through `..data`."""
+    lab.add_nic(A, "ens10")
+    cm = lab.root / "cm"
+    cm.mkdir()
+
+    def publish(version: str, text: str) -> None:
+        d = cm / f"..{version}"
+        d.mkdir()
+        (d / "pools.yaml").write_text(text)
+        tmp = cm / "..data_tmp"
+        os.symlink(d.name, tmp)
+        os.replace(tmp, cm / "..data")  # the atomic swap
+
+    publish("v1", "pools:\n  - resourceName: example.com/a\n")
+    os.symlink("..data/pools.yaml", cm / "pools.yaml")
+    lab.kubelet.start()
+    lab.start("--config", str(cm / "pools.yaml"), metrics=True)
+    lab.kubelet.wait_registered("example.com/a")
+    publish("v2", "pools:\n  - resourceName: example.com/b\n")
+    lab.kubelet.wait_registered("example.com/b", timeout=5)
+    assert lab.kubelet.health("example.com/b") == {A: "Healthy"}
+    lab.wait_log("config reload (config file changed) applied")
+    assert lab.metric('virtdp_rescans_total{reason="config"}') == 1
+    assert lab.metric('virtdp_rescans_total{reason="resync"}') == 0

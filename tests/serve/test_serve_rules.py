@@ -15,6 +15,12 @@ from virtdp_serve.allocation import AllocationError, DeviceView, env_name, prefe
 RES = "kernel.org/virt"
 
 
+def _ids(*args):
+    ids, ignored = preferred(*args)
+    assert ignored == []
+    return ids
+
+
 def _devs(spec):
     return {i: DeviceView(i, healthy, numa) for i, (healthy, numa) in spec.items()}
 
@@ -44,32 +50,43 @@ def test_preferred_one_numa_node_best_fit():
     )
     ids = sorted(devs)
     # Node 1 holds 2 exactly (best fit), node 0 would leave a spare.
-    assert preferred(ids, [], 2, RES, devs, {}) == ["0000:00:04.0", "0000:00:05.0"]
-    assert preferred(ids, [], 3, RES, devs, {}) == ["0000:00:01.0", "0000:00:02.0", "0000:00:03.0"]
+    assert _ids(ids, [], 2, RES, devs, {}) == ["0000:00:04.0", "0000:00:05.0"]
+    assert _ids(ids, [], 3, RES, devs, {}) == ["0000:00:01.0", "0000:00:02.0", "0000:00:03.0"]
     # No node holds 4: the biggest first, then the next.
-    got = preferred(ids, [], 4, RES, devs, {})
+    got = _ids(ids, [], 4, RES, devs, {})
     assert got[:3] == ["0000:00:01.0", "0000:00:02.0", "0000:00:03.0"] and len(got) == 4
     # Must-include pulls its node first.
-    assert preferred(ids, ["0000:00:02.0"], 2, RES, devs, {}) == ["0000:00:02.0", "0000:00:01.0"]
-    assert preferred(ids, ["0000:00:06.0"], 1, RES, devs, {}) == ["0000:00:06.0"]
+    assert _ids(ids, ["0000:00:02.0"], 2, RES, devs, {}) == ["0000:00:02.0", "0000:00:01.0"]
+    assert _ids(ids, ["0000:00:06.0"], 1, RES, devs, {}) == ["0000:00:06.0"]
 
 
 def test_preferred_without_numa_is_stable_and_healthy_first():
     devs = _devs(
         {"0000:00:03.0": (True, None), "0000:00:01.0": (False, None), "0000:00:02.0": (True, None)}
     )
-    assert preferred(["0000:00:03.0", "0000:00:01.0", "0000:00:02.0"], [], 2, RES, devs, {}) == [
+    assert _ids(["0000:00:03.0", "0000:00:01.0", "0000:00:02.0"], [], 2, RES, devs, {}) == [
         "0000:00:02.0",
         "0000:00:03.0",
     ]
 
 
+def test_preferred_ignores_ids_that_are_not_the_pools():
+    devs = _devs({"0000:00:01.0": (True, 0), "0000:00:02.0": (True, 1)})
+    owners = {"0000:00:09.0": "a.io/b"}
+    got = preferred(["0000:00:01.0", "0000:00:09.0"], [], 1, RES, devs, owners)
+    assert got == (["0000:00:01.0"], ["0000:00:09.0"])
+    # An ignored must-include ID; the size shrinks to what is usable.
+    got = preferred(["0000:00:07.0", "0000:00:02.0"], ["0000:00:07.0"], 2, RES, devs, owners)
+    assert got == (["0000:00:02.0"], ["0000:00:07.0"])
+    assert preferred(["x", "y"], [], 2, RES, devs, owners) == ([], ["x", "y"])
+
+
 def test_preferred_errors_name_the_problem():
     devs = _devs({"0000:00:01.0": (True, 0)})
     with pytest.raises(AllocationError) as e:
-        preferred(["0000:00:01.0", "0000:00:09.0"], [], 1, RES, devs, {"0000:00:09.0": "a.io/b"})
+        preferred(["0000:00:01.0", "0000:00:01.0"], [], 1, RES, devs, {})
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "'0000:00:09.0' belongs to resource a.io/b, not kernel.org/virt" in e.value.message
+    assert "'0000:00:01.0' is listed twice" in e.value.message
     with pytest.raises(AllocationError) as e:
         preferred(["0000:00:01.0"], [], -1, RES, devs, {})
     assert "allocation_size is -1, expected 1 or more" in e.value.message

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from virtcore import netlink, sysfs
 
@@ -130,15 +130,30 @@ def _nic(
     )
 
 
-def discover(sysfs_root: str = "/sys", *, netns: Optional[str] = None) -> List[Nic]:
+def discover(
+    sysfs_root: str = "/sys",
+    *,
+    netns: Optional[str] = None,
+    only: Optional[Iterable[str]] = None,
+) -> List[Nic]:
     """Every virtio network PCI function in `sysfs_root`, sorted by PCI address, with link state
     read over netlink in the current namespace, or inside the network namespace file `netns`
-    (missing = DiscoveryError, never created)."""
+    (missing = DiscoveryError, never created).
+
+    With `only`, just those PCI addresses (the ones that are virtio NICs; absent ones are left
+    out) and just their netdevs' links: the cost of one device, whatever the node's size.
+    """
     if not os.path.isdir(os.path.join(sysfs_root, "bus", "pci", "devices")):
         raise DiscoveryError(f"{sysfs_root} is not a sysfs tree: it has no bus/pci/devices")
-    functions = sysfs.scan(sysfs_root)
+    names: Optional[List[str]] = None
+    if only is None:
+        functions = sysfs.scan(sysfs_root)
+    else:
+        found = (sysfs.read_virtio_nic(sysfs_root, a) for a in sorted(set(only)))
+        functions = [fn for fn in found if fn is not None]
+        names = [name for fn in functions for name in fn.netdevs]
     try:
-        snap = netlink.snapshot(netns=netns)
+        snap = netlink.snapshot(netns=netns, names=names)
     except netlink.NetlinkReadError as e:
         raise DiscoveryError(str(e)) from None
     by_parent = snap.by_parent("virtio")

@@ -1,9 +1,14 @@
-"""Link state and default routes, read from the kernel over rtnetlink (pyroute2).
+"""Link state and default routes, read from the kernel over rtnetlink, and link and route change
+events.
 
-One `snapshot()` opens one netlink socket, in the current network namespace or inside a named
-one (the socket is opened there; the calling thread never switches namespace), and reads every
-link, every IPv4/IPv6 default route of every routing table, and which links' addresses the
-node's routes use. `read` does the same through a socket the caller already has.
+One `snapshot()` opens one netlink socket, in the current network namespace (a stdlib socket
+and decoder here) or inside a named one (pyroute2, which opens its socket there; the calling
+thread never switches namespace), and reads every link (or only the named ones) and every
+IPv4/IPv6 default route of every routing table. `read(ipr)` reads the same, and which links'
+addresses the node's routes use, through a pyroute2 socket the caller already has (ehost-device's
+guard).
+`event_socket()` subscribes to link and route changes of the current namespace (stdlib only,
+non-blocking, for a selector) and `parse_events()` decodes what it receives.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, Iterable, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 IFF_UP = 0x1
 RTN_UNICAST = 1
@@ -42,7 +48,7 @@ class Snapshot:
     links: Tuple[Link, ...]
     # ifindex -> ("IPv4",), ("IPv6",) or ("IPv4", "IPv6"): the default routes a link carries.
     default_routes: Mapping[int, Tuple[str, ...]]
-    # ifindex -> the link's addresses (CIDR) that the node's routes use: see `addresses_in_use`.
+    # ifindex -> the link's addresses (CIDR) that the node's routes use (`read` only).
     addresses_in_use: Mapping[int, Tuple[str, ...]] = field(default_factory=dict)
 
     @property
@@ -165,19 +171,293 @@ def read(ipr: Any) -> Snapshot:
     )
 
 
-def snapshot(*, netns: Optional[str] = None) -> Snapshot:
-    """Every link and the default-route links, read in the current namespace or in the network
-    namespace file `netns` (e.g. /var/run/netns/x). A missing `netns` is an error: it is never
-    created."""
+def snapshot(*, netns: Optional[str] = None, names: Optional[Sequence[str]] = None) -> Snapshot:
+    """Every link (or only the links called `names`; missing ones are left out) and the
+    default-route links, read in the current namespace or in the network namespace file `netns`
+    (e.g. /var/run/netns/x). A missing `netns` is an error: it is never created.
+
+    In the current namespace the dumps are read and decoded here (stdlib): pyroute2 takes
+    about a millisecond per link, which made a resync of a large node cost a second of CPU.
+    """
+    if netns is None:
+        try:
+            return _snapshot_here(names)
+        except OSError as e:
+            code = e.errno or errno.EIO
+            raise NetlinkReadError(f"netlink dump failed: {os.strerror(code)}") from None
     from pyroute2.iproute.linux import IPRoute  # ~140 ms: only when netlink is really read
 
-    if netns is not None and not os.path.exists(netns):
+    if not os.path.exists(netns):
         raise NetlinkReadError(f"network namespace {netns} does not exist")
     try:
         # flags=0: pyroute2 would otherwise create a missing namespace.
-        ipr = IPRoute(netns=netns, flags=0) if netns is not None else IPRoute()
+        ipr = IPRoute(netns=netns, flags=0)
     except OSError as e:
-        where = f"in network namespace {netns}" if netns else "in this network namespace"
-        raise NetlinkReadError(f"cannot open a netlink socket {where}: {e.strerror or e}") from None
-    with ipr:
-        return read(ipr)
+        raise NetlinkReadError(
+            f"cannot open a netlink socket in network namespace {netns}: {e.strerror or e}"
+        ) from None
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with ipr:
+            if names is None:
+                links = tuple(_link(m) for m in ipr.get_links())
+            else:
+                links = tuple(_link(m) for name in names for m in _get_link(ipr, name))
+            # AF_UNSPEC dumps only IPv4 routes; ask per family. A dump covers every table.
+            routes = list(ipr.route("dump", family=socket.AF_INET))
+            try:
+                routes += list(ipr.route("dump", family=socket.AF_INET6))
+            except NetlinkError as e:
+                if e.code != errno.EAFNOSUPPORT:  # IPv6 disabled: no IPv6 default route
+                    raise
+    except (OSError, NetlinkError) as e:
+        code = getattr(e, "code", None) or getattr(e, "errno", None) or errno.EIO
+        raise NetlinkReadError(f"netlink dump failed: {os.strerror(code)}") from None
+    return Snapshot(links=links, default_routes=default_routes(routes))
+
+
+def _get_link(ipr: Any, name: str) -> List[Any]:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        return list(ipr.link("get", ifname=name))
+    except NetlinkError as e:
+        if e.code in (errno.ENODEV, errno.ENOENT):
+            return []  # gone since sysfs listed it
+        raise
+
+
+# -- reading rtnetlink here, without pyroute2 ----------------------------------------------------
+
+RTM_GETLINK, RTM_GETROUTE = 18, 26
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
+IFLA_ADDRESS, IFLA_MTU, IFLA_OPERSTATE, IFLA_IFALIAS = 1, 4, 16, 20
+IFLA_PARENT_DEV_NAME, IFLA_PARENT_DEV_BUS_NAME = 56, 57
+RTA_OIF, RTA_MULTIPATH = 4, 9
+_OPERSTATES = ("unknown", "notpresent", "down", "lowerlayerdown", "testing", "dormant", "up")
+_RTNEXTHOP = struct.Struct("=HBBi")  # len, flags, hops, ifindex
+
+
+def _text(raw: Optional[bytes]) -> Optional[str]:
+    return raw.rstrip(b"\0").decode("utf-8", "replace") if raw is not None else None
+
+
+def _request(sock: socket.socket, kind: int, flags: int, body: bytes, seq: int) -> List[Any]:
+    """Send one request; every (type, flags, payload) of its answer, until DONE or the answer."""
+    sock.send(_NLMSG.pack(_NLMSG.size + len(body), kind, flags, seq, 0) + body)
+    out: List[Any] = []
+    while True:
+        data = sock.recv(1 << 20)
+        offset = 0
+        while offset + _NLMSG.size <= len(data):
+            length, mtype, mflags, mseq, _pid = _NLMSG.unpack_from(data, offset)
+            if length < _NLMSG.size:
+                raise OSError(errno.EIO, "malformed netlink message")
+            payload = data[offset + _NLMSG.size : offset + length]
+            offset += (length + 3) & ~3
+            if mseq != seq:
+                continue
+            if mtype == NLMSG_DONE:
+                if mflags & NLM_F_DUMP_INTR:
+                    raise InterruptedError(errno.EINTR, "dump interrupted")
+                return out
+            if mtype == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", payload)
+                if code:
+                    raise OSError(-code, os.strerror(-code))
+                return out
+            out.append((mtype, mflags, payload))
+            if not flags & NLM_F_DUMP:
+                return out
+
+
+def _mac(raw: Optional[bytes]) -> Optional[str]:
+    return ":".join(f"{b:02x}" for b in raw) if raw else None
+
+
+def _decode_link(payload: bytes) -> Link:
+    _family, _type, index, flags, _change = _IFINFO.unpack_from(payload, 0)
+    attrs = _attrs(payload, _IFINFO.size, len(payload))
+    mtu = attrs.get(IFLA_MTU)
+    oper = attrs.get(IFLA_OPERSTATE)
+    carrier = attrs.get(IFLA_CARRIER)
+    return Link(
+        index=index,
+        name=_text(attrs.get(IFLA_IFNAME)) or "",
+        mac=_mac(attrs.get(IFLA_ADDRESS)),
+        mtu=struct.unpack("=I", mtu[:4])[0] if mtu else None,
+        operstate=_OPERSTATES[oper[0]] if oper and oper[0] < len(_OPERSTATES) else None,
+        carrier=bool(carrier[0]) if carrier else None,
+        admin_up=bool(flags & IFF_UP),
+        alias=_text(attrs.get(IFLA_IFALIAS)) or None,
+        parent_bus=_text(attrs.get(IFLA_PARENT_DEV_BUS_NAME)),
+        parent_dev=_text(attrs.get(IFLA_PARENT_DEV_NAME)),
+    )
+
+
+def _decode_route(payload: bytes) -> Dict[str, Any]:
+    family, dst_len, *_rest, rtype, _flags = _RTMSG.unpack_from(payload, 0)
+    attrs = _attrs(payload, _RTMSG.size, len(payload))
+    route: Dict[str, Any] = {"family": family, "dst_len": dst_len, "type": rtype}
+    if RTA_OIF in attrs:
+        route["oif"] = struct.unpack("=i", attrs[RTA_OIF][:4])[0]
+    hops = []
+    raw = attrs.get(RTA_MULTIPATH, b"")
+    offset = 0
+    while offset + _RTNEXTHOP.size <= len(raw):
+        length, _hflags, _hops, ifindex = _RTNEXTHOP.unpack_from(raw, offset)
+        if length < _RTNEXTHOP.size:
+            break
+        hops.append({"oif": ifindex})
+        offset += (length + 3) & ~3
+    if hops:
+        route["multipath"] = hops
+    return route
+
+
+def _snapshot_here(names: Optional[Sequence[str]]) -> Snapshot:
+    for _attempt in range(5):
+        try:
+            return _read_here(names)
+        except InterruptedError:
+            continue  # the links changed during the dump: read again
+    return _read_here(names)
+
+
+def _read_here(names: Optional[Sequence[str]]) -> Snapshot:
+    with socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
+    ) as sock:
+        sock.bind((0, 0))
+        seq = 1
+        link_msgs: List[Any] = []
+        if names is None:
+            ifinfo = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+            link_msgs = _request(sock, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, ifinfo, seq)
+        else:
+            for name in names:
+                seq += 1
+                raw = name.encode() + b"\0"
+                attr = _RTA.pack(_RTA.size + len(raw), IFLA_IFNAME) + raw
+                attr += b"\0" * (-len(attr) % 4)
+                body = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr
+                try:
+                    link_msgs += _request(sock, RTM_GETLINK, NLM_F_REQUEST, body, seq)
+                except OSError as e:
+                    if e.errno not in (errno.ENODEV, errno.ENOENT):
+                        raise  # else gone since sysfs listed it
+        links = tuple(_decode_link(p) for t, _f, p in link_msgs if t == RTM_NEWLINK)
+        routes = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            seq += 1
+            rtmsg = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+            try:
+                msgs = _request(sock, RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, rtmsg, seq)
+            except OSError as e:
+                if family == socket.AF_INET6 and e.errno == errno.EAFNOSUPPORT:
+                    continue  # IPv6 disabled: no IPv6 default route
+                raise
+            routes += [_decode_route(p) for t, _f, p in msgs if t == RTM_NEWROUTE]
+    return Snapshot(links=links, default_routes=default_routes(routes))
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV6_ROUTE = 0x400
+RTM_NEWLINK, RTM_DELLINK, RTM_NEWROUTE, RTM_DELROUTE = 16, 17, 24, 25
+IFLA_IFNAME, IFLA_CARRIER = 3, 33
+SO_RCVBUFFORCE = 33
+_NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, proto, scope, type
+_RTA = struct.Struct("=HH")
+
+
+@dataclass(frozen=True)
+class LinkEvent:
+    """RTM_NEWLINK (a link appeared or changed) or RTM_DELLINK (deleted or moved away)."""
+
+    deleted: bool
+    index: int
+    name: Optional[str]
+    admin_up: bool
+    carrier: Optional[bool]
+
+
+@dataclass(frozen=True)
+class RouteEvent:
+    """RTM_NEWROUTE/RTM_DELROUTE; `default` for a unicast default route (dst_len 0)."""
+
+    deleted: bool
+    default: bool
+
+
+def event_socket(*, receive_buffer: Optional[int] = None) -> socket.socket:
+    """A non-blocking rtnetlink socket of this namespace bound to link and route changes.
+    Reading it after the kernel dropped messages (a full buffer) raises ENOBUFS once."""
+    sock = socket.socket(
+        socket.AF_NETLINK,
+        socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+        socket.NETLINK_ROUTE,
+    )
+    try:
+        if receive_buffer:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, receive_buffer)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _attrs(data: bytes, offset: int, end: int) -> Dict[int, bytes]:
+    out = {}
+    while offset + _RTA.size <= end:
+        length, kind = _RTA.unpack_from(data, offset)
+        if length < _RTA.size:
+            break
+        out[kind & 0x3FFF] = data[offset + _RTA.size : offset + length]
+        offset += (length + 3) & ~3
+    return out
+
+
+def parse_events(data: bytes) -> List[Any]:
+    """The LinkEvents and RouteEvents in one datagram; other messages are skipped."""
+    events: List[Any] = []
+    offset = 0
+    while offset + _NLMSG.size <= len(data):
+        length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
+        if length < _NLMSG.size:
+            break
+        body, end = offset + _NLMSG.size, min(offset + length, len(data))
+        if kind in (RTM_NEWLINK, RTM_DELLINK) and body + _IFINFO.size <= end:
+            _family, _type, index, flags, _change = _IFINFO.unpack_from(data, body)
+            attrs = _attrs(data, body + _IFINFO.size, end)
+            name = attrs.get(IFLA_IFNAME)
+            carrier = attrs.get(IFLA_CARRIER)
+            events.append(
+                LinkEvent(
+                    deleted=kind == RTM_DELLINK,
+                    index=index,
+                    name=name.rstrip(b"\0").decode("utf-8", "replace") if name else None,
+                    admin_up=bool(flags & IFF_UP),
+                    carrier=None if not carrier else bool(carrier[0]),
+                )
+            )
+        elif kind in (RTM_NEWROUTE, RTM_DELROUTE) and body + _RTMSG.size <= end:
+            family, dst_len, *_rest, rtype, _rflags = _RTMSG.unpack_from(data, body)
+            events.append(
+                RouteEvent(
+                    deleted=kind == RTM_DELROUTE,
+                    default=family in _FAMILIES and dst_len == 0 and rtype == RTN_UNICAST,
+                )
+            )
+        offset += (length + 3) & ~3
+    return events

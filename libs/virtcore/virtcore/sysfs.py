@@ -204,6 +204,20 @@ def scan(sysfs_root: str = "/sys") -> List[VirtioNic]:
     return out
 
 
+def read_virtio_nic(sysfs_root: str, pci_address: str) -> Optional[VirtioNic]:
+    """One function as `scan` would list it, or None when `scan` would not list it (gone, or
+    not a virtio network function): the single-device read behind event-driven updates."""
+    try:
+        fn = read_function(sysfs_root, pci_address)
+    except DeviceNotFound:
+        return None
+    if fn.virtio_name is not None:
+        return fn
+    if fn.vendor == VIRTIO_VENDOR and fn.device in VIRTIO_NET_PCI_DEVICES:
+        return fn
+    return None
+
+
 def netdev_pci_address(sysfs_root: str, ifname: str) -> Optional[str]:
     """The PCI address owning `/sys/class/net/<ifname>`, or None for a non-PCI netdev.
 

@@ -96,6 +96,14 @@ def check_allocate(
     return out
 
 
+def _duplicates(ids: Sequence[str], what: str) -> None:
+    seen = set()
+    for dev_id in ids:
+        if dev_id in seen:
+            raise _invalid(f"{what}: device ID {dev_id!r} is listed twice")
+        seen.add(dev_id)
+
+
 def preferred(
     available: Sequence[str],
     must_include: Sequence[str],
@@ -105,20 +113,26 @@ def preferred(
     owner_of: Mapping[str, str],
     *,
     what: str = "container_requests[0]",
-) -> List[str]:
-    """Exactly `size` IDs: all of `must_include`, then NICs of one NUMA node, then stable order.
+) -> Tuple[List[str], List[str]]:
+    """(IDs to allocate, IDs ignored): all of `must_include`, then NICs of one NUMA node, then
+    stable order; `size` of them, or every usable one when fewer are left.
+
+    IDs that are not devices of this pool (unknown, or another pool's: the kubelet's list can be
+    a moment behind the inventory) are ignored, not refused: the kubelet fails the pod's
+    admission on any error from this call, and Allocate checks the final choice anyway. A
+    request inconsistent on its face (size below 1, must-include IDs missing from available or
+    more of them than `size`, an ID twice, `size` above the IDs sent) is INVALID_ARGUMENT.
 
     Nodes are taken in this order: the node(s) of the must-include devices; nodes that can hold
     all remaining devices, fewest spare first (best fit, real NUMA nodes before devices with no
     node); then the others, most free devices first. Within a node: healthy before unhealthy,
     then by PCI address.
     """
+    del owner_of  # foreign IDs are ignored like unknown ones
     if size <= 0:
         raise _invalid(f"{what}: allocation_size is {size}, expected 1 or more")
-    check_ids(available, resource_name, devices, owner_of, what=f"{what}: available_deviceIDs")
-    check_ids(
-        must_include, resource_name, devices, owner_of, what=f"{what}: must_include_deviceIDs"
-    )
+    _duplicates(available, f"{what}: available_deviceIDs")
+    _duplicates(must_include, f"{what}: must_include_deviceIDs")
     missing = [d for d in must_include if d not in set(available)]
     if missing:
         raise _invalid(
@@ -135,11 +149,17 @@ def preferred(
             f"{what}: allocation_size {size} is larger than the {len(available)} available "
             "devices"
         )
+    ignored = [d for d in available if d not in devices]
+    available = [d for d in available if d in devices]
+    must_include = [d for d in must_include if d in devices]
+    size = min(size, len(available))
+    if size == 0:
+        return [], ignored
 
     chosen = sorted(must_include)
     need = size - len(chosen)
     if need == 0:
-        return chosen
+        return chosen, ignored
     taken = set(chosen)
     by_node: Dict[Optional[int], List[str]] = defaultdict(list)
     for dev_id in available:
@@ -171,4 +191,4 @@ def preferred(
                 break
             chosen.append(dev_id)
             need -= 1
-    return chosen
+    return chosen, ignored

@@ -44,7 +44,8 @@ def run(
         typer.Option(
             "--config",
             metavar="FILE",
-            help="Pool config (YAML), reloaded on change and on SIGHUP. "
+            help="Pool config (YAML), reloaded when it changes (inotify on its directory, "
+            "so a ConfigMap update is seen) and on SIGHUP. "
             "Default: one pool kernel.org/virt of all eligible NICs.",
         ),
     ] = None,
@@ -76,6 +77,23 @@ def run(
             help="Serve Prometheus /metrics, /healthz and /readyz here (off by default).",
         ),
     ] = None,
+    resync_interval: Annotated[
+        float,
+        typer.Option(
+            "--resync-interval",
+            metavar="SECONDS",
+            help="Full rescan this often, a safety net: kernel events drive the inventory.",
+        ),
+    ] = 60.0,
+    event_buffer: Annotated[
+        int,
+        typer.Option(
+            "--event-buffer",
+            metavar="BYTES",
+            help="Receive buffer of each kernel event socket; an overflow costs a full rescan.",
+        ),
+    ] = 4
+    << 20,
     log_format: Annotated[
         LogFormat, typer.Option("--log-format", help="Log lines as text or json.")
     ] = LogFormat.text,
@@ -103,6 +121,15 @@ def run(
         raise _fail(EXIT_USAGE, f"--device-plugin-dir {device_plugin_dir}: not a directory")
     if devinfo_dir.exists() and not devinfo_dir.is_dir():
         raise _fail(EXIT_USAGE, f"--devinfo-dir {devinfo_dir}: not a directory")
+    if not 0.1 <= resync_interval <= 86400:
+        raise _fail(
+            EXIT_USAGE,
+            f"--resync-interval {resync_interval:g}: expected seconds between 0.1 and 86400",
+        )
+    if not 4096 <= event_buffer <= 1 << 30:
+        raise _fail(
+            EXIT_USAGE, f"--event-buffer {event_buffer}: expected bytes between 4096 and 1073741824"
+        )
     if metrics_address is not None:
         try:
             metrics.parse_address(metrics_address)
@@ -122,6 +149,8 @@ def run(
             devinfo_dir=str(devinfo_dir),
             sysfs_root=str(sysfs_root),
             metrics_address=metrics_address,
+            resync_interval=resync_interval,
+            event_buffer=event_buffer,
         )
     except OSError as e:
         raise _fail(

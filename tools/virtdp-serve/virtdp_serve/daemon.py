@@ -1,12 +1,13 @@
 """The virtdp-serve daemon: one PoolPlugin per configured pool over one shared Inventory, and
-the loops that keep them right.
+the event loop that keeps them right.
 
-Threads: the scanner (full inventory scans, every SCAN_INTERVAL and on request), the link
-watcher (netlink events), the carrier probe, one registrar per pool, the gRPC servers' workers,
-the metrics HTTP server. The main thread runs `run()`: it handles signals and every
-WATCH_INTERVAL checks the kubelet's directory (our sockets still there? kubelet.sock
-recreated?) and the config file.
-All reconfiguration happens on the main thread.
+The main thread runs `run()`: it sleeps in one selector (events.EventSources) until a kernel
+event, a change in the config file's or the kubelet's directory, or a signal arrives, or the
+next resync is due, and then acts, so all reconfiguration and every inventory change happen on
+this one thread. A uevent or link event re-reads only the device it concerns; a full rescan
+runs at start, every --resync-interval (the safety net), at once after an event socket
+overflowed, on a config reload, a kubelet restart and a default-route change. Other threads:
+one registrar per pool, the gRPC servers' workers, the metrics HTTP server.
 """
 
 from __future__ import annotations
@@ -14,33 +15,31 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
-from virtcore import discovery, pools
+from virtcore import discovery, pools, sysfs
 from virtcore.kubelet import registration
 from virtdp_serve import metrics
+from virtdp_serve.events import DEFAULT_RECEIVE_BUFFER, Batch, EventSources
 from virtdp_serve.inventory import Inventory
-from virtdp_serve.linkwatch import CarrierProbe, LinkWatcher
 from virtdp_serve.plugin import PoolPlugin, file_identity
 
 log = logging.getLogger(__name__)
 
-WATCH_INTERVAL = 0.1  # kubelet restart noticed within this (+ re-serve and Register)
-CONFIG_CHECK_INTERVAL = 1.0
-SCAN_INTERVAL = 1.0  # hot-plug/unplug/unbind without a netlink event are seen within this
-SCAN_DEBOUNCE = 0.01  # coalesce a burst of link events into one scan
+DEFAULT_RESYNC_INTERVAL = 60.0
+# Only while a watched directory is missing (deleted under us): look for it this often.
+MISSING_DIR_RETRY = 1.0
 
 
-def _file_id(path: Optional[str]) -> Optional[Tuple[int, int, int, int]]:
+def _read_bytes(path: Optional[str]) -> Optional[bytes]:
     if path is None:
         return None
     try:
-        st = os.stat(path)
+        with open(path, "rb") as f:
+            return f.read()
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 class Daemon:
@@ -53,39 +52,47 @@ class Daemon:
         devinfo_dir: str,
         sysfs_root: str,
         metrics_address: Optional[str] = None,
+        resync_interval: float = DEFAULT_RESYNC_INTERVAL,
+        event_buffer: int = DEFAULT_RECEIVE_BUFFER,
     ) -> None:
         self.config_path = config_path
+        self.config_dir = os.path.dirname(os.path.abspath(config_path)) if config_path else None
         self.device_plugin_dir = device_plugin_dir
         self.devinfo_dir = devinfo_dir
+        self.sysfs_root = sysfs_root
+        self.resync_interval = resync_interval
         self.kubelet_socket = registration.kubelet_socket(device_plugin_dir)
         self.inventory = Inventory(sysfs_root, config)
         self.plugins: Dict[str, PoolPlugin] = {}
-        self._stop = threading.Event()
-        self._reload = threading.Event()
-        self._rescan = threading.Event()
-        self._config_id = _file_id(config_path)
+        self._stopping = False
+        self._config_bytes = _read_bytes(config_path)
         self._kubelet_id = file_identity(self.kubelet_socket)
         self._last_kubelet_id = self._kubelet_id
-        self._scan_failures = 0
+        self._refresh_failures = 0
         self._metrics: Optional[metrics.MetricsServer] = None
         if metrics_address is not None:
             # Bound here, before any plugin socket exists: a bad address fails the start.
             self._metrics = metrics.MetricsServer(metrics_address, self.ready)
-        self._links = LinkWatcher(self.inventory, self.request_rescan)
-        self._probe = CarrierProbe(self.inventory)
-        self._scanner = threading.Thread(target=self._scan_loop, name="scanner", daemon=True)
+        self._event_buffer = event_buffer
+        self._sources: Optional[EventSources] = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        """First scan, watchers, then every pool's server (each then registers by itself)."""
-        self.inventory.rescan("start")
-        self._links.start()
-        self._probe.start()
-        self._scanner.start()
+        """Event sockets, first scan, then every pool's server (each then registers by
+        itself). The sockets are bound before the scan: nothing between the two is lost."""
+        self._sources = EventSources(receive_buffer=self._event_buffer)
+        log.info(
+            "listening to kernel events (receive buffers: uevent %d, rtnetlink %d bytes); "
+            "full resync every %gs",
+            *self._sources.receive_buffers(),
+            self.resync_interval,
+        )
+        self.inventory.refresh("start")
         if self._metrics is not None:
             self._metrics.start()
             log.info("metrics on port %d (/metrics, /healthz, /readyz)", self._metrics.port)
         os.makedirs(self.device_plugin_dir, exist_ok=True)
+        self._watch_directories()
         for pool in self.inventory.config.pools:
             self._add_plugin(pool.resource_name)
         if self._kubelet_id is None:
@@ -95,54 +102,153 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads the config. Returns the exit code."""
-        self._install_signals()
-        next_config_check = time.monotonic() + CONFIG_CHECK_INTERVAL
+        assert self._sources is not None
+        self._sources.catch_signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        next_resync = time.monotonic() + self.resync_interval
         try:
-            while not self._stop.wait(WATCH_INTERVAL):
-                self.watch_kubelet()
+            while not self._stopping:
                 now = time.monotonic()
-                if self._reload.is_set():
-                    self._reload.clear()
-                    self.reload("SIGHUP")
-                elif now >= next_config_check:
-                    next_config_check = now + CONFIG_CHECK_INTERVAL
-                    current = _file_id(self.config_path)
-                    if current != self._config_id:
-                        self._config_id = current
-                        self.reload("config file changed")
+                timeout = max(0.0, next_resync - now)
+                if not self._all_watched():
+                    timeout = min(timeout, MISSING_DIR_RETRY)
+                batch = self._sources.wait(timeout)
+                self.handle(batch)
+                if self._stopping:
+                    break
+                if not self._all_watched():
+                    self._watch_directories()
+                if time.monotonic() >= next_resync:
+                    self._refresh("resync")
+                    next_resync = time.monotonic() + self.resync_interval
         finally:
             self.shutdown()
         return 0
 
     def request_stop(self) -> None:
-        self._stop.set()
+        self._stopping = True
 
     def shutdown(self) -> None:
         """Stop the servers, remove our sockets and devinfo files. Idempotent."""
-        self._stop.set()
+        self._stopping = True
         log.info("stopping: removing sockets and device-info files")
         for plugin in list(self.plugins.values()):
             plugin.stop()
-        self._links.stop()
-        self._probe.stop()
-        self._rescan.set()
-        if self._scanner.is_alive():
-            self._scanner.join(timeout=2)
+        if self._sources is not None:
+            self._sources.close()
+            self._sources = None
         if self._metrics is not None:
             self._metrics.stop()
             self._metrics = None
 
-    def _install_signals(self) -> None:
-        def on_stop(signum: int, frame: object) -> None:
-            log.info("received %s", signal.Signals(signum).name)
-            self._stop.set()
+    # -- one round of events ---------------------------------------------------------------
+    def handle(self, batch: Batch) -> None:
+        for signum in batch.signals:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("received %s", signal.Signals(signum).name)
+                self._stopping = True
+        if self._stopping:
+            return
+        if batch.overflowed:
+            for name in sorted(batch.overflowed):
+                metrics.EVENT_OVERFLOWS.labels(name).inc()
+            log.warning(
+                "%s events were lost (socket overflow): rescanning everything",
+                ", ".join(sorted(batch.overflowed)),
+            )
+            self._refresh("overflow")
+            if "inotify" in batch.overflowed:
+                self.watch_kubelet()
+                self._check_config("config directory events lost")
+        elif batch.default_route_changed:
+            self._refresh("route")  # eligibility of every NIC may have changed
+        else:
+            self._refresh("link", self._link_targets(batch))
+            self._refresh("uevent", self._uevent_targets(batch))
+        if signal.SIGHUP in batch.signals:
+            self.reload("SIGHUP")
+        elif any(ev.path == self.config_dir for ev in batch.files):
+            self._check_config("config file changed")
+        if any(ev.path == self.device_plugin_dir for ev in batch.files):
+            self.watch_kubelet()
 
-        def on_hup(signum: int, frame: object) -> None:
-            self._reload.set()
+    def _link_targets(self, batch: Batch) -> Set[str]:
+        """Apply link events to known devices; the PCI functions that need a re-read."""
+        targets: Set[str] = set()
+        for ev in batch.links:
+            addr = self.inventory.link_event(
+                index=ev.index,
+                ifname=ev.name,
+                admin_up=ev.admin_up,
+                carrier=ev.carrier,
+                deleted=ev.deleted,
+            )
+            if addr is not None:
+                targets.add(addr)
+            elif not ev.deleted and ev.name is not None and not self.inventory.knows_link(ev.index):
+                # A link of no device we see here: a netdev of a virtio function not listed
+                # yet, or one back from a pod's namespace under a new name. Virtual links
+                # (pods' veths) have no PCI function and cost one sysfs lookup.
+                owner = self._netdev_function(ev.name)
+                if owner is not None:
+                    targets.add(owner)
+        return targets
 
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, on_hup)
+    def _uevent_targets(self, batch: Batch) -> Set[str]:
+        targets: Set[str] = set()
+        for ev in batch.uevents:
+            log.debug("uevent %s %s (%s)", ev.action, ev.devpath, ev.subsystem)
+            if ev.pci_address is not None:
+                targets.add(ev.pci_address)
+            if ev.subsystem != "net":
+                continue
+            name = ev.env.get("INTERFACE")
+            index = ev.env.get("IFINDEX")
+            targets |= self.inventory.netdev_owners(
+                ifname=name, ifindex=int(index) if index and index.isdigit() else None
+            )
+            if name:
+                owner = self._netdev_function(name)
+                if owner is not None:
+                    targets.add(owner)
+        return targets
+
+    def _netdev_function(self, ifname: str) -> Optional[str]:
+        """The PCI function sysfs puts `ifname` under, if any (a virtual link has none)."""
+        return sysfs.netdev_pci_address(self.sysfs_root, ifname)
+
+    def _refresh(self, reason: str, addresses: Optional[Set[str]] = None) -> None:
+        if addresses is not None and not addresses:
+            return
+        try:
+            self.inventory.refresh(reason, addresses)
+        except discovery.DiscoveryError as e:
+            self._refresh_failures += 1
+            if self._refresh_failures == 1 or self._refresh_failures % 60 == 0:
+                log.error("inventory %s failed (keeping the last inventory): %s", reason, e)
+            return
+        if self._refresh_failures:
+            log.info("inventory reads work again")
+        self._refresh_failures = 0
+
+    # -- watched directories ---------------------------------------------------------------
+    def _directories(self) -> List[str]:
+        return [d for d in (self.device_plugin_dir, self.config_dir) if d is not None]
+
+    def _all_watched(self) -> bool:
+        return self._sources is not None and all(
+            self._sources.watching(d) for d in self._directories()
+        )
+
+    def _watch_directories(self) -> None:
+        assert self._sources is not None
+        for d in self._directories():
+            if not self._sources.watching(d) and os.path.isdir(d):
+                if self._sources.watch_directory(d):
+                    # Whatever changed while it was not watched.
+                    if d == self.device_plugin_dir:
+                        self.watch_kubelet()
+                    else:
+                        self._check_config("config directory watched again")
 
     # -- readiness -------------------------------------------------------------------------
     def ready(self) -> Tuple[bool, str]:
@@ -156,14 +262,18 @@ class Daemon:
         """Notice a kubelet (re)start: our sockets deleted, or kubelet.sock recreated."""
         current = file_identity(self.kubelet_socket)
         new_kubelet = current is not None and current != self._kubelet_id
+        restarted = False
         if new_kubelet:
             if self._last_kubelet_id is not None and current != self._last_kubelet_id:
+                restarted = True
                 metrics.KUBELET_RESTARTS.inc()
                 log.info("kubelet.sock was recreated: the kubelet restarted; registering again")
             else:
                 log.info("kubelet.sock appeared at %s", self.kubelet_socket)
             self._last_kubelet_id = current
         self._kubelet_id = current
+        if restarted:
+            self._refresh("kubelet")  # the new kubelet gets a list read just now
         for plugin in list(self.plugins.values()):
             if not plugin.socket_intact():
                 plugin.reserve()
@@ -171,8 +281,16 @@ class Daemon:
                 plugin.request_registration()
 
     # -- config reload ---------------------------------------------------------------------
+    def _check_config(self, why: str) -> None:
+        """Reload when the config file's content changed (a directory event says it may)."""
+        current = _read_bytes(self.config_path)
+        if self.config_path is None or current == self._config_bytes:
+            return
+        self.reload(why)
+
     def reload(self, why: str) -> bool:
         """Apply the config file again; a bad one is logged and the running config stays."""
+        self._config_bytes = _read_bytes(self.config_path)
         try:
             new = pools.load_config(self.config_path)
         except pools.ConfigError as e:
@@ -220,28 +338,6 @@ class Daemon:
         )
         self.plugins[resource_name] = plugin
         plugin.start()
-
-    # -- scanning --------------------------------------------------------------------------
-    def request_rescan(self) -> None:
-        self._rescan.set()
-
-    def _scan_loop(self) -> None:
-        while not self._stop.is_set():
-            triggered = self._rescan.wait(SCAN_INTERVAL)
-            if self._stop.is_set():
-                return
-            if triggered:
-                time.sleep(SCAN_DEBOUNCE)
-            self._rescan.clear()
-            try:
-                self.inventory.rescan("link-event" if triggered else "periodic")
-                if self._scan_failures:
-                    log.info("inventory scan works again")
-                self._scan_failures = 0
-            except discovery.DiscoveryError as e:
-                self._scan_failures += 1
-                if self._scan_failures == 1 or self._scan_failures % 60 == 0:
-                    log.error("inventory scan failed (keeping the last inventory): %s", e)
 
     def pool_names(self) -> List[str]:
         return sorted(self.plugins)

@@ -1,10 +1,13 @@
 """The daemon's live device inventory: which NIC is in which pool, and whether it is healthy.
 
-Two inputs change it. A full scan (`rescan`: virtcore discovery + pool assignment) runs at start,
-periodically and after link events, and catches hot-plug, unplug, driver unbind/bind and
-renames. A link event (`link_event`, from the netlink watcher) updates one NIC's health at once,
-without waiting for a scan. Every change bumps `version` and wakes the ListAndWatch streams,
-which send only when their pool's list really changed.
+One function changes it from the node's state: `refresh(reason, addresses)` reads the given PCI
+functions and their netdevs (virtcore discovery, for just those devices) and replaces their
+entries; with no addresses it reads the whole node (a full rescan: at start, on a config reload,
+after an event socket overflowed and as the slow --resync-interval safety net). Kernel events
+call it with the one device they concern. A link event of a known netdev carries its state in
+the message: `link_event` applies it without reading anything. Every change bumps `version` and
+wakes the ListAndWatch streams, which send only when their pool's list really changed. Only
+the daemon's event loop changes the inventory; the servicers read it from their threads.
 
 Health rules: carrier lost on an admin-up NIC = Unhealthy, carrier present = Healthy; an
 admin-down spare NIC is Healthy (ehost-device brings it up when plumbing it); a NIC whose netdev
@@ -16,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from virtcore import discovery, pools
 from virtdp_serve import metrics
@@ -54,24 +57,22 @@ def health_of(
     return carrier
 
 
-Scanner = Callable[[str], List[discovery.Nic]]
+Scanner = Callable[..., List[discovery.Nic]]
 
 
 class Inventory:
-    """Thread-safe device state shared by the scanner, the link watcher and the servicers."""
+    """Device state shared by the daemon's event loop (the only writer) and the servicers."""
 
     def __init__(
         self, sysfs_root: str, config: pools.Config, *, scanner: Optional[Scanner] = None
     ) -> None:
         self.sysfs_root = sysfs_root
         self._config = config
-        self._scan = scanner or discovery.discover
+        self._scan: Scanner = scanner or discovery.discover
         self._devices: Dict[str, Device] = {}
         self.cond = threading.Condition()
         self.version = 0
-        self._event_seq = 0
-        self._last_event: Dict[str, int] = {}  # pci address -> seq of its last link event
-        self._scan_lock = threading.Lock()  # one scan at a time
+        self._wakes = 0
 
     # -- reading ---------------------------------------------------------------------------
     def pool_devices(self, resource_name: str) -> Tuple[Device, ...]:
@@ -83,80 +84,105 @@ class Inventory:
         with self.cond:
             return {a: d.pool for a, d in self._devices.items()}
 
+    def netdev_owners(self, *, ifname: Optional[str], ifindex: Optional[int]) -> Set[str]:
+        """PCI addresses of the devices whose netdev has this name or index."""
+        with self.cond:
+            return {
+                a
+                for a, d in self._devices.items()
+                if (ifname is not None and d.ifname == ifname)
+                or (ifindex is not None and d.ifindex == ifindex)
+            }
+
+    def knows_link(self, ifindex: int) -> bool:
+        """A device's netdev in this namespace has this index."""
+        with self.cond:
+            return any(d.visible and d.ifindex == ifindex for d in self._devices.values())
+
     @property
     def config(self) -> pools.Config:
         return self._config
 
     def wait_for_change(self, since: int, timeout: float) -> int:
+        """Until `version` is no longer `since`, `wake()` is called, or `timeout` passes."""
         with self.cond:
-            self.cond.wait_for(lambda: self.version != since, timeout=timeout)
+            wakes = self._wakes
+            self.cond.wait_for(
+                lambda: self.version != since or self._wakes != wakes, timeout=timeout
+            )
             return self.version
 
     def wake(self) -> None:
         """Wake every waiter without a change (a stream that must notice it is being stopped)."""
         with self.cond:
+            self._wakes += 1
             self.cond.notify_all()
 
     # -- changing --------------------------------------------------------------------------
     def set_config(self, config: pools.Config) -> None:
         self._config = config
-        self.rescan("reload")
+        self.refresh("config")
 
-    def rescan(self, trigger: str) -> bool:
-        """Full scan; returns True when anything advertised changed. Raises DiscoveryError."""
-        with self._scan_lock:
-            with self.cond:
-                start_seq = self._event_seq
-            config = self._config
-            nics = pools.assign(config, self._scan(self.sysfs_root))
-            metrics.INVENTORY_SCANS.labels(trigger).inc()
-            pool_names = {p.resource_name for p in config.pools}
-            with self.cond:
-                new: Dict[str, Device] = {}
-                for nic in nics:
-                    old = self._devices.get(nic.pci_address)
-                    pool = nic.pool
-                    if pool is None and not nic.visible and old is not None:
-                        # In a pod's namespace: ifName/MAC selectors cannot be checked from here,
-                        # but it is still the node's device, allocated from its old pool.
-                        if old.pool in pool_names and nic.eligible:
-                            pool = old.pool
-                    if pool is None:
-                        continue
-                    if old is not None and self._last_event.get(nic.pci_address, -1) > start_seq:
-                        # A link event arrived while this scan ran: its health is newer.
-                        healthy = old.healthy
-                    else:
-                        healthy = health_of(
-                            nic.visible, nic.admin_up, nic.carrier, old.healthy if old else None
-                        )
-                    numa = (
-                        nic.numa_node if nic.numa_node is not None and nic.numa_node >= 0 else None
-                    )
-                    new[nic.pci_address] = Device(
-                        pci_address=nic.pci_address,
-                        pool=pool,
-                        healthy=healthy,
-                        numa_node=numa,
-                        ifname=nic.ifname,
-                        ifindex=nic.ifindex,
-                        visible=nic.visible,
-                        admin_up=nic.admin_up,
-                    )
-                changed = self._advertised(new) != self._advertised(self._devices)
-                for addr in set(self._devices) - set(new):
-                    log.info("device %s left pool %s", addr, self._devices[addr].pool)
-                for addr in set(new) - set(self._devices):
-                    log.info(
-                        "device %s joined pool %s (%s)", addr, new[addr].pool, new[addr].health
-                    )
-                self._devices = new
-                self._last_event = {a: s for a, s in self._last_event.items() if a in new}
-                if changed:
-                    self._changed()
-                else:
-                    self._update_gauges()  # a reload may have added or removed empty pools
-                return changed
+    def refresh(self, reason: str, addresses: Optional[Iterable[str]] = None) -> bool:
+        """Read the node again and apply it: every device (`addresses` None: a full rescan,
+        counted by `reason`) or only those PCI functions (counted as refreshes by `reason`, the
+        event source); an address that is no virtio NIC any more leaves the inventory.
+        Returns True when anything advertised changed. Raises DiscoveryError."""
+        scope: Optional[Set[str]] = None
+        if addresses is None:
+            found = self._scan(self.sysfs_root)
+            metrics.RESCANS.labels(reason).inc()
+        else:
+            scope = set(addresses)
+            if not scope:
+                return False
+            found = self._scan(self.sysfs_root, only=sorted(scope))
+            metrics.DEVICE_REFRESHES.labels(reason).inc(len(scope))
+        config = self._config
+        nics = pools.assign(config, found)
+        pool_names = {p.resource_name for p in config.pools}
+        with self.cond:
+            new: Dict[str, Device] = {}
+            if scope is not None:
+                new = {a: d for a, d in self._devices.items() if a not in scope}
+            for nic in nics:
+                old = self._devices.get(nic.pci_address)
+                pool = nic.pool
+                if pool is None and not nic.visible and old is not None:
+                    # In a pod's namespace: ifName/MAC selectors cannot be checked from here,
+                    # but it is still the node's device, allocated from its old pool.
+                    if old.pool in pool_names and nic.eligible:
+                        pool = old.pool
+                if pool is None:
+                    continue
+                healthy = health_of(
+                    nic.visible, nic.admin_up, nic.carrier, old.healthy if old else None
+                )
+                numa = nic.numa_node if nic.numa_node is not None and nic.numa_node >= 0 else None
+                new[nic.pci_address] = Device(
+                    pci_address=nic.pci_address,
+                    pool=pool,
+                    healthy=healthy,
+                    numa_node=numa,
+                    ifname=nic.ifname,
+                    ifindex=nic.ifindex,
+                    visible=nic.visible,
+                    admin_up=nic.admin_up,
+                )
+            changed = self._advertised(new) != self._advertised(self._devices)
+            for addr in sorted(set(self._devices) - set(new)):
+                log.info("device %s left pool %s", addr, self._devices[addr].pool)
+            for addr in sorted(set(new) - set(self._devices)):
+                log.info("device %s joined pool %s (%s)", addr, new[addr].pool, new[addr].health)
+            for addr in sorted(set(new) & set(self._devices)):
+                if new[addr].healthy != self._devices[addr].healthy:
+                    log.info("device %s of %s is now %s", addr, new[addr].pool, new[addr].health)
+            self._devices = new
+            if changed:
+                self._changed()
+            else:
+                self._update_gauges()  # a reload may have added or removed empty pools
+            return changed
 
     def link_event(
         self,
@@ -166,14 +192,14 @@ class Inventory:
         admin_up: bool,
         carrier: Optional[bool],
         deleted: bool = False,
-    ) -> bool:
+    ) -> Optional[str]:
         """Apply one RTM_NEWLINK/DELLINK of this namespace to a known device's health.
 
-        Returns True when only a full rescan can tell what the event means: a link that is no
-        device of ours (yet), a deleted or renamed one.
+        Returns the PCI address to `refresh` when the message alone cannot tell what happened
+        (a deleted, moved or renamed netdev of one of our devices), else None. A link that is
+        no device of ours is the caller's to look up.
         """
         with self.cond:
-            self._event_seq += 1
             dev = next(
                 (
                     d
@@ -183,19 +209,19 @@ class Inventory:
                 ),
                 None,
             )
-            if dev is None or deleted:
-                return True
-            self._last_event[dev.pci_address] = self._event_seq
+            if dev is None:
+                return None
+            if deleted or (ifname is not None and ifname != dev.ifname):
+                return dev.pci_address
             healthy = health_of(True, admin_up, carrier, dev.healthy)
-            renamed = ifname is not None and ifname != dev.ifname
             if healthy and not dev.healthy and not admin_up:
                 # Moving a link to another namespace downs it first: this may be an unhealthy
-                # NIC on its way into a pod, which must keep its state. The scan tells.
-                return True
+                # NIC on its way into a pod, which must keep its state. Its sysfs entry tells.
+                return dev.pci_address
             if dev.admin_up != admin_up:
                 self._devices[dev.pci_address] = dev = replace(dev, admin_up=admin_up)
             if healthy == dev.healthy:
-                return renamed
+                return None
             log.info(
                 "device %s (%s) of %s is now %s (admin %s, carrier %s)",
                 dev.pci_address,
@@ -207,38 +233,7 @@ class Inventory:
             )
             self._devices[dev.pci_address] = replace(dev, healthy=healthy)
             self._changed()
-            return renamed
-
-    def probe_targets(self) -> List[Tuple[str, str]]:
-        """(PCI address, ifname) of visible, admin-up devices: where a carrier change must be
-        caught before the kernel gets round to announcing it (it batches link notifications
-        to about one a second)."""
-        with self.cond:
-            return [
-                (d.pci_address, d.ifname)
-                for d in self._devices.values()
-                if d.visible and d.admin_up and d.ifname
-            ]
-
-    def carrier_probed(self, pci_address: str, ifname: str, carrier: bool) -> bool:
-        """The carrier probe read `carrier` on an admin-up device: apply it if health differs."""
-        with self.cond:
-            dev = self._devices.get(pci_address)
-            if dev is None or not dev.admin_up or dev.ifname != ifname or dev.healthy == carrier:
-                return False
-            self._event_seq += 1
-            self._last_event[pci_address] = self._event_seq
-            log.info(
-                "device %s (%s) of %s is now %s (carrier %s)",
-                pci_address,
-                ifname,
-                dev.pool,
-                HEALTHY if carrier else UNHEALTHY,
-                "back" if carrier else "lost",
-            )
-            self._devices[pci_address] = replace(dev, healthy=carrier)
-            self._changed()
-            return True
+            return None
 
     # -- internals -------------------------------------------------------------------------
     @staticmethod

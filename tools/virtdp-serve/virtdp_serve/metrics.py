@@ -74,10 +74,33 @@ CONFIG_RELOADS = Counter(
     ["result"],
     registry=REGISTRY,
 )
-INVENTORY_SCANS = Counter(
-    "virtdp_inventory_scans",
-    "Full inventory scans (sysfs and netlink), by trigger (periodic, link-event, reload, start).",
-    ["trigger"],
+RESCANS = Counter(
+    "virtdp_rescans",
+    "Full inventory rescans (every PCI function and link), by reason: start, resync (the "
+    "--resync-interval safety net), overflow (an event socket lost events), config (reload), "
+    "kubelet (a kubelet restart), route (a default route changed).",
+    ["reason"],
+    registry=REGISTRY,
+)
+DEVICE_REFRESHES = Counter(
+    "virtdp_device_refreshes",
+    "PCI functions re-read one at a time after a kernel event concerning them, by event source "
+    "(uevent, link).",
+    ["source"],
+    registry=REGISTRY,
+)
+EVENT_OVERFLOWS = Counter(
+    "virtdp_event_overflows",
+    "Kernel event sockets that overflowed (ENOBUFS: events were lost), by socket (uevent, "
+    "rtnetlink, inotify); each is followed at once by a full rescan.",
+    ["socket"],
+    registry=REGISTRY,
+)
+PREFERRED_IGNORED_IDS = Counter(
+    "virtdp_preferred_allocation_ignored_ids",
+    "Device IDs in GetPreferredAllocation requests that are not devices of the pool (a briefly "
+    "stale list at the kubelet) and were left out of the answer instead of failing it, per pool.",
+    ["resource"],
     registry=REGISTRY,
 )
 

@@ -34,6 +34,9 @@ MAX_SOCKET_PATH = 107
 WAIT_LOG_INTERVAL = 60.0  # "still waiting for the kubelet" at most this often
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 5.0
 STOP_WAIT = 5.0  # at most this long for a stopping server's connections to close
+# A stream waits for inventory changes; the kubelet going away or a stop wakes it at once, so
+# this is only a backstop, long enough to cost nothing at rest.
+STREAM_BACKSTOP = 30.0
 
 
 class ServeError(RuntimeError):
@@ -92,7 +95,7 @@ class Servicer(deviceplugin_pb2_grpc.DevicePluginServicer):
                 yield deviceplugin_pb2.ListAndWatchResponse(
                     devices=[_device_message(d) for d in devices]
                 )
-            inv.wait_for_change(version, timeout=1.0)
+            inv.wait_for_change(version, timeout=STREAM_BACKSTOP)
         log.debug("%s: ListAndWatch ended", self._resource)
 
     def GetPreferredAllocation(self, request, context):  # noqa: N802
@@ -104,19 +107,30 @@ class Servicer(deviceplugin_pb2_grpc.DevicePluginServicer):
                 "PreferredAllocationRequest has no container_requests, expected one per container",
             )
         for i, req in enumerate(request.container_requests):
+            what = f"container_requests[{i}]"
             try:
-                ids = allocation.preferred(
+                ids, ignored = allocation.preferred(
                     list(req.available_deviceIDs),
                     list(req.must_include_deviceIDs),
                     req.allocation_size,
                     self._resource,
                     views,
                     owners,
-                    what=f"container_requests[{i}]",
+                    what=what,
                 )
             except allocation.AllocationError as e:
                 log.warning("%s: GetPreferredAllocation refused: %s", self._resource, e.message)
                 context.abort(e.code, e.message)
+            if ignored:
+                # The kubelet fails the pod's admission on any error here; its list may be a
+                # moment behind ours. Answer from what is ours; Allocate checks again.
+                metrics.PREFERRED_IGNORED_IDS.labels(self._resource).inc(len(ignored))
+                log.warning(
+                    "%s: GetPreferredAllocation %s: ignored %s (not devices of this pool now)",
+                    self._resource,
+                    what,
+                    ", ".join(ignored),
+                )
             response.container_responses.add(deviceIDs=ids)
         return response
 
