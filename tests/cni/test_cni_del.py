@@ -83,3 +83,68 @@ def test_del_leaves_a_foreign_interface_alone(rig):
     ip("link", "add", "net1", "type", "veth", "peer", "name", "x1", ns=pod.name)
     rig.cni("DEL", rig.conf("1.0.0", deviceID=PCI), pod=pod).ok()
     assert rig.has_link("net1", pod) and rig.has_link("ens5")
+
+
+def test_del_gives_back_the_attachments_nic_when_the_config_names_another(rig):
+    # containerd sends the conflist as it is at DEL time: here it was rewritten between the
+    # two pods, and now names the second pod's NIC. The link at CNI_IFNAME in this pod that
+    # carries our mark is this attachment's NIC: it goes home; the other pod's stays put.
+    rig.nic(PCI, "ens5")
+    rig.nic("0000:00:06.0", "ens6")
+    before = rig.state("ens5")
+    first, second = rig.pod(), rig.pod()
+    conf_a = rig.conf("1.0.0", deviceID=PCI)
+    conf_b = rig.conf("1.0.0", deviceID="0000:00:06.0")
+    out_a = rig.cni("ADD", conf_a, pod=first, container_id="first").ok()
+    rig.cni("ADD", conf_b, pod=second, container_id="second").ok()
+
+    run = rig.cni("DEL", dict(conf_b, prevResult=out_a), pod=first, container_id="first")
+    run.ok()
+    assert rig.state("ens5") == before
+    assert not rig.has_link("net1", first)
+    assert "not the NIC the config names now" in run.stderr
+    assert rig.has_link("net1", second) and not rig.has_link("ens6")
+    assert rig.state("net1", second)["alias"].startswith("virtdp/v1 host=ens6 pci=0000:00:06.0")
+    assert len(rig.leases()) == 1  # only the second pod's lease is left
+
+    rig.cni("DEL", conf_b, pod=second, container_id="second").ok()
+    assert rig.has_link("ens6") and rig.leases() == []
+
+
+def test_del_with_the_ipam_plugin_gone_gives_the_nic_back_and_succeeds(rig, tmp_path):
+    # The IPAM binary vanished from CNI_PATH between ADD and DEL: the resource it would free
+    # cannot be reached, so DEL completes (CNI spec: DEL succeeds when resources are already
+    # missing) with a warning, after the NIC part. Its lease stays, as the warning says.
+    rig.nic(PCI, "ens5")
+    before = rig.state("ens5")
+    pod = rig.pod()
+    conf = rig.conf("1.1.0", deviceID=PCI)
+    rig.cni("ADD", conf, pod=pod).ok()
+    empty = tmp_path / "no-ipam-here"
+    empty.mkdir()
+
+    run = rig.cni("DEL", conf, pod=pod, cni_path=str(empty))
+    run.ok()
+    assert rig.state("ens5") == before and not rig.has_link("net1", pod)
+    assert "host-local" in run.stderr and "IPAM DEL is skipped" in run.stderr
+    assert rig.leases() == ["198.51.100.2"]
+    rig.cni("DEL", conf, pod=pod, cni_path=str(empty)).ok()  # and again: still success
+
+    rig.cni("DEL", conf, pod=pod).ok()  # the plugin is back: its lease goes
+    assert rig.leases() == []
+
+
+def test_del_still_fails_when_the_ipam_plugin_runs_and_fails(rig):
+    # Only a plugin that cannot be run at all counts as "already gone": one that runs and
+    # fails may still hold the lease, and the runtime must hear about it (and retry).
+    rig.nic(PCI, "ens5")
+    before = rig.state("ens5")
+    pod = rig.pod()
+    conf = rig.conf("1.0.0", deviceID=PCI)
+    rig.cni("ADD", conf, pod=pod).ok()
+    broken = dict(conf, ipam={"type": "host-local", "dataDir": str(rig.ipam_dir)})
+    out = rig.cni("DEL", broken, pod=pod)
+    assert out.rc != 0 and "host-local" in out.out["msg"], out
+    assert rig.state("ens5") == before  # the NIC part completed all the same
+    rig.cni("DEL", conf, pod=pod).ok()
+    assert rig.leases() == []

@@ -1,8 +1,8 @@
 """The suite's closing figures: scenarios passed, faults survived, bad inputs tried, NICs lost,
-leases leaked.
+leases leaked, pod sandboxes run through containerd's CRI.
 
-One `Figures` per pytest session (kept in the config stash), shared by tests/e2e and
-tests/corpus: each folder's conftest hands its session fixture and its terminal-summary hook to
+One `Figures` per pytest session (kept in the config stash), shared by tests/e2e, tests/corpus
+and tests/runtime: each folder's conftest hands its session fixture and its terminal-summary hook to
 the functions here, so a run of both folders prints one line, and a run of one file (as Pants
 runs them) prints that file's line. NICs lost and leases leaked are counted from what the
 checks observed, never assumed, and must end at zero.
@@ -23,6 +23,7 @@ class Figures:
     bad_inputs_tried: int = 0
     nics_lost: int = 0
     leases_leaked: int = 0
+    cri_sandboxes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -37,7 +38,8 @@ class Figures:
             f"virtdp e2e: scenarios passed {self.scenarios_passed}, "
             f"faults survived {self.faults_survived}, "
             f"bad inputs tried {self.bad_inputs_tried}, "
-            f"NICs lost {self.nics_lost}, leases leaked {self.leases_leaked}"
+            f"NICs lost {self.nics_lost}, leases leaked {self.leases_leaked}, "
+            f"CRI sandboxes {self.cri_sandboxes}"
         )
 
 
@@ -49,7 +51,14 @@ def of(config: pytest.Config) -> Figures:
     return config.stash.setdefault(_FIGURES, Figures())
 
 
-FIELDS = ("scenarios_passed", "faults_survived", "bad_inputs_tried", "nics_lost", "leases_leaked")
+FIELDS = (
+    "scenarios_passed",
+    "faults_survived",
+    "bad_inputs_tried",
+    "nics_lost",
+    "leases_leaked",
+    "cri_sandboxes",
+)
 
 
 def session_fixture(config: pytest.Config, record=None):  # type: ignore[no-untyped-def]

@@ -268,9 +268,12 @@ def cmd_del(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
     """Best effort, idempotent: give the NIC back if it is anywhere we can see, and IPAM DEL.
 
     The two do not depend on each other: IPAM DEL starts first and runs alongside. Errors are
-    reported NIC first, IPAM second.
+    reported NIC first, IPAM second. An IPAM plugin that cannot be run at all (its binary gone
+    from CNI_PATH) is a resource already missing (spec 1.1, DEL): a warning, not an error, so
+    the runtime can finish tearing the pod down; any lease it holds stays with it.
     """
     pending, ipam_error = _start_ipam("DEL", env, c, environ)
+    ipam_missing = pending is None and ipam_error is not None
     try:
         errors = _del_nic(env, c)
     finally:
@@ -279,7 +282,15 @@ def cmd_del(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
                 pending.result()
             except CniError as e:
                 ipam_error = e
-    if ipam_error is not None:
+    if ipam_missing and ipam_error is not None:
+        log.warning(
+            "DEL %s: %s: %s; the NIC part is done, IPAM DEL is skipped (a lease it holds "
+            "stays until the plugin is back and a DEL or GC reaches it)",
+            env.container_id,
+            ipam_error.msg,
+            ipam_error.details,
+        )
+    elif ipam_error is not None:
         errors.append(ipam_error)
     if errors:
         first = errors[0]
@@ -289,48 +300,41 @@ def cmd_del(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
 
 
 def _del_nic(env: Env, c: Conf) -> List[CniError]:
+    """Give back this attachment's NIC.
+
+    The link named CNI_IFNAME in CNI_NETNS that carries our mark is this attachment's NIC,
+    whatever the config names now: a runtime sends the config as it is at DEL time (containerd
+    reads its conflist again), and the mark names the NIC. The config's deviceID, device or
+    hwaddr only steer the search on the host (the pod namespace died, or an ADD was cut short),
+    where they keep a DEL from taking another attachment's NIC. One NIC lock is held at a time,
+    the lock of the NIC being given back.
+    """
     errors: List[CniError] = []
     with contextlib.ExitStack() as hold:
         host = hold.enter_context(netns.open_ns(None))
-        if c.pci_address:
-            hold.enter_context(locks.device_lock(c.sysfs_root, c.pci_address, c.lock_timeout))
         found = None
         if env.netns and netns.is_own(env.netns):
             log.warning(
                 "DEL %s: CNI_NETNS is our own namespace; looking on the host", env.container_id
             )
         elif env.netns:
-            try:
-                pod = hold.enter_context(netns.open_ns(env.netns))
-            except netns.NamespaceNotFound:
-                log.info("DEL %s: %s is gone; looking on the host", env.container_id, env.netns)
-                pod = None
-            if pod is not None:
-                link = netns.link_by_name(pod, env.ifname)
-                mark = alias.decode(link.alias) if link else None
-                if link and mark and _matches(c, mark, link):
-                    found = (pod, env.netns, link, mark)
-                elif link:
-                    log.warning(
-                        "DEL %s: %s in %s carries no matching virtdp mark; left alone",
-                        env.container_id,
-                        env.ifname,
-                        env.netns,
-                    )
+            found = _in_pod(hold, env, c)
         if found is None:
             # The namespace died (the kernel returned the NIC to the host, maybe as devN), or
             # an ADD was cut short: the mark on the link finds it.
+            if c.pci_address:
+                hold.enter_context(locks.device_lock(c.sysfs_root, c.pci_address, c.lock_timeout))
             for link in netns.links(host):
                 mark = alias.decode(link.alias)
                 if mark and _matches(c, mark, link):
+                    if not c.pci_address:
+                        hold.enter_context(
+                            locks.device_lock(c.sysfs_root, mark.pci_address, c.lock_timeout)
+                        )
                     found = (host, HOST_NS, link, mark)
                     break
         if found is not None:
             src, src_path, link, mark = found
-            if not c.pci_address:
-                hold.enter_context(
-                    locks.device_lock(c.sysfs_root, mark.pci_address, c.lock_timeout)
-                )
             try:
                 _give_back(hold, host, src, src_path, link, mark)
                 log.info(
@@ -346,6 +350,47 @@ def _del_nic(env: Env, c: Conf) -> List[CniError]:
         else:
             log.info("DEL %s: no NIC to give back", env.container_id)
     return errors
+
+
+def _in_pod(
+    hold: contextlib.ExitStack, env: Env, c: Conf
+) -> Optional[Tuple[Any, str, netns.Link, alias.Mark]]:
+    """The marked NIC at CNI_IFNAME in CNI_NETNS, its lock held; None if there is none."""
+    try:
+        pod = hold.enter_context(netns.open_ns(env.netns))
+    except netns.NamespaceNotFound:
+        log.info("DEL %s: %s is gone; looking on the host", env.container_id, env.netns)
+        return None
+    link = netns.link_by_name(pod, env.ifname)
+    mark = alias.decode(link.alias) if link else None
+    if link is None:
+        return None
+    if mark is None:
+        log.warning(
+            "DEL %s: %s in %s carries no virtdp mark; left alone",
+            env.container_id,
+            env.ifname,
+            env.netns,
+        )
+        return None
+    if not _matches(c, mark, link):
+        log.warning(
+            "DEL %s: %s in %s is %s, not the NIC the config names now; giving it back (the "
+            "config changed since ADD)",
+            env.container_id,
+            env.ifname,
+            env.netns,
+            mark.pci_address,
+        )
+    with contextlib.ExitStack() as lock:
+        lock.enter_context(locks.device_lock(c.sysfs_root, mark.pci_address, c.lock_timeout))
+        # Looked up again under the lock: a DEL of the same attachment may have just finished.
+        link = netns.link_by_name(pod, env.ifname)
+        if link is None or alias.decode(link.alias) != mark:
+            log.info("DEL %s: %s left %s meanwhile", env.container_id, env.ifname, env.netns)
+            return None
+        hold.enter_context(lock.pop_all())
+    return (pod, env.netns, link, mark)
 
 
 def _give_back(
