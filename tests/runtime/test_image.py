@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import e2e_figures
 import imagelab
 import pytest
 from imagelab import NIC_NAME, NIC_PCI, BuiltImage, DaemonSetNode
@@ -36,7 +37,9 @@ def image(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture
-def node(repo_root: Path, image: BuiltImage, figures) -> Iterator[DaemonSetNode]:  # type: ignore[no-untyped-def]
+def node(
+    repo_root: Path, image: BuiltImage, figures: e2e_figures.Figures
+) -> Iterator[DaemonSetNode]:
     n = DaemonSetNode(repo_root, image)
     try:
         n.start()
