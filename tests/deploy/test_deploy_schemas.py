@@ -12,9 +12,9 @@ from typing import Any, Dict, List, Tuple
 
 import jsonschema
 import kubernetes_validate
-from kubernetes_validate import utils as kv_utils
 import pytest
 import yaml
+from kubernetes_validate import utils as kv_utils
 
 Doc = Dict[str, Any]
 CRDS = Path(__file__).resolve().parent / "crds"
