@@ -25,7 +25,8 @@ def test_help_lists_every_option_the_docs_use(deployments: Path, repo_root: Path
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("Usage: deployments/build-image")
     documented = set()
-    for doc in ("README.md", "docs/operator-guide.md"):
+    # The operator guide is where the script is documented (the README shows only -t).
+    for doc in ("docs/operator-guide.md",):
         text = (repo_root / doc).read_text().replace("\\\n", " ")
         for line in text.splitlines():
             if "deployments/build-image" in line:
