@@ -45,7 +45,7 @@ def node(
         n.start()
         yield n
     finally:
-        figures.add(image_containers=n.containers_run)
+        figures.add(image_containers=n.containers_run, cri_sandboxes=1 if n.pod_id else 0)
         if n.ctd is not None:
             print("--- containerd log (tail) ---\n" + n.ctd.log_tail())
         for name in ("install-cni", "virtdp-serve"):
