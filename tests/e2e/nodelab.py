@@ -42,6 +42,7 @@ from typing import Dict, List, Optional, Tuple
 from e2e_figures import Figures
 from fakesysfs import FakeSysfs
 from netlab import Netns, ip, tag, veth
+from processes import start_time
 from testkubelet import TestKubelet
 from testpodresources import Container, Pod, PodResourcesServer, checkpoint_json
 from toolrun import tool_command
@@ -62,15 +63,6 @@ ROOT_PREFIX = "vde-"
 OWNER_FILE = "owner.json"
 
 
-def _start_time(pid: int) -> Optional[str]:
-    """The process's start time (field 22 of /proc/<pid>/stat): a pid alone may be reused."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def sweep_stale() -> None:
     """Remove the namespaces and trees of nodes whose test process died without its teardown
     (SIGKILL, a cancelled Pants sandbox). Nodes of live processes, e.g. a second test run at
@@ -80,10 +72,10 @@ def sweep_stale() -> None:
             owner = json.loads((root / OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue  # not ours, or being created right now
-        if _start_time(owner["pid"]) == owner["start"]:
+        if start_time(owner["pid"]) == owner["start"]:
             continue
         serve = owner.get("serve")
-        if serve and _start_time(serve[0]) == serve[1]:
+        if serve and start_time(serve[0]) == serve[1]:
             os.kill(serve[0], signal.SIGKILL)  # the dead run's own daemon
         for name in owner["namespaces"]:
             ip("netns", "del", name, check=False)
@@ -257,9 +249,9 @@ class Node:
             json.dumps(
                 {
                     "pid": os.getpid(),
-                    "start": _start_time(os.getpid()),
+                    "start": start_time(os.getpid()),
                     "namespaces": [ns.name for ns in self.namespaces],
-                    "serve": [serve.pid, _start_time(serve.pid)] if serve else None,
+                    "serve": [serve.pid, start_time(serve.pid)] if serve else None,
                 }
             )
         )

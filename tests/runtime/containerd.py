@@ -25,11 +25,13 @@ import subprocess
 import tarfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import cri_api_pb2 as api
 import cri_api_pb2_grpc as api_grpc
 import grpc
+from processes import start_time
+
 from virtcore.kubelet import channel
 
 K8S_NS = "k8s.io"
@@ -53,8 +55,8 @@ def missing() -> Optional[str]:
 
 
 def _is_static(path: str) -> bool:
-    out = subprocess.run(["file", "-L", path], capture_output=True, text=True).stdout
-    if out:
+    if shutil.which("file"):
+        out = subprocess.run(["file", "-L", path], capture_output=True, text=True).stdout
         return "statically linked" in out or "static-pie" in out
     # `file` missing: a static binary has no PT_INTERP, so no dynamic loader path inside.
     with open(path, "rb") as f:
@@ -196,7 +198,9 @@ class Cri:
         )
         cid = self.call(
             "CreateContainer",
-            api.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=sandbox),
+            api.CreateContainerRequest(
+                pod_sandbox_id=pod_id, config=config, sandbox_config=sandbox
+            ),
         ).container_id
         self.call("StartContainer", api.StartContainerRequest(container_id=cid))
         return str(cid)
@@ -262,7 +266,33 @@ class Containerd:
         # Per cgroup hierarchy, the first directory of cgroup_parent that does not exist yet:
         # everything runc makes is at or below it, and only that is ours to remove.
         self._cgroup_tops = self._missing_cgroup_tops()
+        self.owner: Dict[str, Any] = {
+            "pid": os.getpid(),
+            "start": start_time(os.getpid()),
+            "cgroup_tops": [str(t) for t in self._cgroup_tops],
+            "namespaces": [],
+            "network": None,
+        }
+        self.record()
         self._write_config()
+
+    @classmethod
+    def stale(cls, root: Path, owner: Dict[str, Any]) -> Containerd:
+        """What a dead test process left under `root`, to be closed without its CRI."""
+        c = cls.__new__(cls)
+        c.root, c.owner = root, owner
+        c.socket = str(root / "containerd.sock")
+        c.log = root / "containerd.log"
+        c.proc, c.cri = None, None
+        c._cgroup_tops = [Path(t) for t in owner.get("cgroup_tops", [])]
+        return c
+
+    def record(self, **changes: Any) -> None:
+        """Note in `<root>/owner.json` what this run made, for `sweep_stale` should it die."""
+        self.owner.update(changes)
+        tmp = self.root / f".{OWNER_FILE}.tmp"
+        tmp.write_text(json.dumps(self.owner))
+        os.replace(tmp, self.root / OWNER_FILE)
 
     def _missing_cgroup_tops(self) -> List[Path]:
         tops = []
@@ -340,10 +370,13 @@ class Containerd:
                 stderr=log,
                 start_new_session=True,
             )
+        self.record(containerd=[self.proc.pid, start_time(self.proc.pid)])
         deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"containerd exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"containerd exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
             if os.path.exists(self.socket):
                 try:
                     self.cri = Cri(self.socket)
@@ -435,9 +468,9 @@ class Containerd:
         return sorted(points, key=lambda p: (p.count("/"), p), reverse=True)
 
     # -- teardown ------------------------------------------------------------------------------
-    def close(self, network: Optional[str] = None) -> List[str]:
+    def close(self, network: Optional[str] = None, *, graceful: bool = True) -> List[str]:
         """Remove everything; returns what had to be removed by force (empty when the CRI
-        teardown left nothing behind)."""
+        teardown left nothing behind). `graceful=False`: no CRI teardown (a dead run's)."""
         forced: List[str] = []
         steps: List[Callable[[], None]] = []
 
@@ -447,13 +480,25 @@ class Containerd:
 
         @step
         def sandboxes() -> None:
+            if not graceful:
+                pid, start = self.owner.get("containerd") or (0, None)
+                if pid and start and start_time(pid) == start:
+                    forced.append(f"containerd pid {pid}")
+                    os.kill(pid, signal.SIGKILL)
+                return
             if self.proc is None or self.proc.poll() is not None:
                 self.start()
             assert self.cri is not None
+            failed = []
             for pod in self.cri.pods():
                 with contextlib.suppress(grpc.RpcError):
                     self.cri.stop_pod(pod.id)
-                self.cri.remove_pod(pod.id)
+                try:
+                    self.cri.remove_pod(pod.id)
+                except grpc.RpcError as e:
+                    failed.append(f"{pod.id[:12]}: {e.details()}")
+            if failed:  # the forced steps below still remove what these sandboxes hold
+                raise RuntimeError(f"RemovePodSandbox failed: {'; '.join(failed)}")
 
         @step
         def stop_containerd() -> None:
@@ -491,7 +536,9 @@ class Containerd:
             for top in self._cgroup_tops:
                 if not top.exists():
                     continue
-                dirs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+                dirs = sorted(
+                    (p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)
+                )
                 # runc removes a container's cgroup, never the parent it made for the pod.
                 for d in dirs + [top]:
                     for _ in range(20):
@@ -532,13 +579,23 @@ class Containerd:
         return forced
 
 
-@contextlib.contextmanager
-def running(
-    root: Path, netns: str, *, cni_bin: Path, cni_conf: Path, env: Dict[str, str]
-) -> Iterator[Containerd]:
-    c = Containerd(root, netns, cni_bin=cni_bin, cni_conf=cni_conf, env=env)
-    try:
-        c.start()
-        yield c
-    finally:
-        c.close()
+OWNER_FILE = "owner.json"
+ROOT_PREFIX = "vcri-"
+
+
+def sweep_stale() -> None:
+    """Remove what runs whose test process died without its teardown (SIGKILL, a cancelled
+    Pants sandbox) left: their containerd, shims, mounts, cgroups, namespaces, cache entries.
+    Runs of live processes (another suite running now) are left alone."""
+    for root in Path("/tmp").glob(ROOT_PREFIX + "*"):
+        try:
+            owner = json.loads((root / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or being created right now
+        if start_time(owner["pid"]) == owner["start"]:
+            continue
+        with contextlib.suppress(Exception):
+            Containerd.stale(root, owner).close(owner.get("network"), graceful=False)
+        for name in owner.get("namespaces", []):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

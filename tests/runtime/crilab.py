@@ -78,7 +78,8 @@ class CriLab:
         self.sandboxes_run = 0
         self.ctd: Optional[ctd.Containerd] = None
         # containerd's sockets must fit a sun_path (108 bytes): a short dir of its own.
-        self.root = Path(tempfile.mkdtemp(prefix="vcri-", dir="/tmp"))
+        ctd.sweep_stale()
+        self.root = Path(tempfile.mkdtemp(prefix=ctd.ROOT_PREFIX, dir="/tmp"))
         try:
             self.node = self._netns("crn")
             self.fake = FakeSysfs(tmp / "sys")
@@ -93,6 +94,7 @@ class CriLab:
             self.ctd = ctd.Containerd(
                 self.root, self.node.path, cni_bin=self.bin, cni_conf=self.conf_dir, env=env
             )
+            self.ctd.record(namespaces=[ns.name for ns in self.namespaces], network=self.network)
         except BaseException:
             self.close()
             raise
@@ -112,7 +114,7 @@ class CriLab:
         argv = tool_command("ehost-device")
         target = self.bin / "ehost-device"
         if len(argv) == 1:  # the shipped PEX: containerd execs the file itself
-            target.symlink_to(argv[0])
+            target.symlink_to(os.path.abspath(argv[0]))
         else:  # from source (dev loop): the same module, through a shell line
             pythonpath = os.environ.get("PYTHONPATH", "")
             target.write_text(
