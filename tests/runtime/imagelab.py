@@ -151,8 +151,11 @@ class DaemonSetNode:
         self.spec: Doc = self.ds["spec"]["template"]["spec"]
         self.image_ref = self.spec["containers"][0]["image"]
         self.stack = contextlib.ExitStack()
-        # containerd's and the device plugins' sockets must fit a sun_path: a short root.
-        self.root = Path(tempfile.mkdtemp(prefix="vimg-", dir="/tmp"))
+        # containerd's and the device plugins' sockets must fit a sun_path: a short root, named
+        # like the suite's other containerd roots so that a run killed mid-test is swept by the
+        # next one (containerd.sweep_stale, from the owner file containerd.record writes).
+        ctd.sweep_stale()
+        self.root = Path(tempfile.mkdtemp(prefix=ctd.ROOT_PREFIX, dir="/tmp"))
         self.stack.callback(shutil.rmtree, self.root, ignore_errors=True)
         self.containers_run = 0
         self.attempts: Dict[str, int] = {}
@@ -193,14 +196,14 @@ class DaemonSetNode:
         self.stack.callback(self.kubelet.stop)
         (self.root / "cni-bin").mkdir()
         (self.root / "net.d").mkdir()
-        (self.root / "ctd").mkdir()
         self.ctd = ctd.Containerd(
-            self.root / "ctd",
+            self.root,
             self.node.path,
             cni_bin=self.root / "cni-bin",
             cni_conf=self.root / "net.d",
             env={},
         )
+        self.ctd.record(namespaces=[self.node.name, self.peer.name])
         self.stack.callback(self.ctd.close)
         self.cri = self.ctd.start()
         self.ctd.import_image(ctd.write_image(self.root / "busybox-oci.tar"))
