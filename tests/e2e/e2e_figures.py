@@ -1,5 +1,6 @@
 """The suite's closing figures: scenarios passed, faults survived, bad inputs tried, NICs lost,
-leases leaked, pod sandboxes run through containerd's CRI.
+leases leaked, pod sandboxes run through containerd's CRI, containers of the shipped image run
+there (tests/runtime/test_image.py).
 
 One `Figures` per pytest session (kept in the config stash), shared by tests/e2e, tests/corpus
 and tests/runtime: each folder's conftest hands its session fixture and its terminal-summary hook to
@@ -24,6 +25,7 @@ class Figures:
     nics_lost: int = 0
     leases_leaked: int = 0
     cri_sandboxes: int = 0
+    image_containers: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -39,7 +41,7 @@ class Figures:
             f"faults survived {self.faults_survived}, "
             f"bad inputs tried {self.bad_inputs_tried}, "
             f"NICs lost {self.nics_lost}, leases leaked {self.leases_leaked}, "
-            f"CRI sandboxes {self.cri_sandboxes}"
+            f"CRI sandboxes {self.cri_sandboxes}, image containers {self.image_containers}"
         )
 
 
@@ -58,6 +60,7 @@ FIELDS = (
     "nics_lost",
     "leases_leaked",
     "cri_sandboxes",
+    "image_containers",
 )
 
 

@@ -1,0 +1,150 @@
+"""deployments/: every Kubernetes object validates, strictly (no unknown field), against the real
+OpenAPI schemas of the oldest and the newest Kubernetes version the operator guide claims
+(kubernetes-validate ships them), and the custom resources against their CRDs' schemas
+(tests/deploy/crds/: kubernetes-validate carries none)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate import utils as kv_utils
+
+Doc = Dict[str, Any]
+CRDS = Path(__file__).resolve().parent / "crds"
+# Read by kubectl (`apply -k`) on the client, never sent to the API server: no OpenAPI schema.
+# test_deploy_manifests checks what it lists.
+CLIENT_SIDE = {("kustomize.config.k8s.io/v1beta1", "Kustomization")}
+CLAIM = re.compile(r"^- Kubernetes (\d+\.\d+) or newer\b", re.M)
+
+
+def claimed_versions(repo_root: Path) -> Tuple[str, str]:
+    """The oldest version docs/operator-guide.md claims, and the newest Kubernetes there is
+    a schema for (the guide claims every newer one)."""
+    guide = (repo_root / "docs" / "operator-guide.md").read_text()
+    found = CLAIM.findall(guide)
+    assert len(found) == 1, (
+        "docs/operator-guide.md: expected one line '- Kubernetes X.Y or newer' in section 1, "
+        f"found {found}"
+    )
+    return found[0], kv_utils.major_minor(kv_utils.latest_version())
+
+
+def crd_schemas() -> Dict[Tuple[str, str], Doc]:
+    """(apiVersion, kind) → the CRD's openAPIV3Schema, made strict."""
+    schemas = {}
+    for path in sorted(CRDS.glob("*.yaml")):
+        (crd,) = (d for d in yaml.safe_load_all(path.read_text()) if d)
+        spec = crd["spec"]
+        for version in spec["versions"]:
+            key = (f"{spec['group']}/{version['name']}", spec["names"]["kind"])
+            schemas[key] = strict(version["schema"]["openAPIV3Schema"])
+    return schemas
+
+
+def strict(schema: Any) -> Any:
+    """An OpenAPI v3 structural schema as JSON Schema that refuses unknown fields, as the API
+    server's strict field validation (kubectl --validate=strict) does: every object with
+    declared properties and no `x-kubernetes-preserve-unknown-fields` gets
+    additionalProperties: false; `nullable` becomes a null type."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        if not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    if out.pop("nullable", False) and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+def validate(doc: Doc, version: str, crds: Dict[Tuple[str, str], Doc]) -> None:
+    """Raises with the field path when `doc` is not a valid object of Kubernetes `version`."""
+    key = (doc["apiVersion"], doc["kind"])
+    if key not in crds:
+        kv_utils.validate(doc, version, strict=True)
+        return
+    jsonschema.validate(doc, crds[key], cls=jsonschema.Draft7Validator)
+    # A CRD's schema leaves metadata open; the API server checks it as ObjectMeta. The same
+    # ObjectMeta schema, strict, is reached through an object that has nothing else.
+    probe = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]}
+    kv_utils.validate(probe, version, strict=True)
+
+
+def api_objects(deployments: Path) -> List[Tuple[str, Doc]]:
+    """(file, object) for every document of every manifest that the API server would get."""
+    return [
+        (str(path.relative_to(deployments)), doc)
+        for path in sorted(deployments.rglob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc is not None and (doc.get("apiVersion"), doc.get("kind")) not in CLIENT_SIDE
+    ]
+
+
+@pytest.mark.parametrize("which", ["oldest", "newest"])
+def test_every_manifest_validates_strictly(deployments: Path, repo_root: Path, which: str) -> None:
+    oldest, newest = claimed_versions(repo_root)
+    version = oldest if which == "oldest" else newest
+    supported = [kv_utils.major_minor(v) for v in kv_utils.all_versions()]
+    assert version in supported, (
+        f"docs/operator-guide.md claims Kubernetes {version}, but kubernetes-validate "
+        f"{kubernetes_validate.__version__} has schemas for {supported[0]}..{supported[-1]} only: "
+        "pin a kubernetes-validate that has it (3rdparty/python/test-requirements.txt)"
+    )
+    crds = crd_schemas()
+    objects = api_objects(deployments)
+    kinds = {doc["kind"] for _, doc in objects}
+    assert {"DaemonSet", "ConfigMap", "Pod", "NetworkAttachmentDefinition", "PodMonitor"} <= kinds
+    failures = []
+    for where, doc in objects:
+        try:
+            validate(doc, version, crds)
+        except (jsonschema.ValidationError, kv_utils.SchemaNotFoundError) as e:
+            path = ".".join(str(p) for p in getattr(e, "path", []))
+            failures.append(f"{where} ({doc['kind']}) {path}: {getattr(e, 'message', e)}")
+    assert not failures, f"not valid for Kubernetes {version}:\n" + "\n".join(failures)
+
+
+def test_a_crd_schema_is_shipped_for_every_custom_resource(deployments: Path) -> None:
+    crds = crd_schemas()
+    builtin = ("apps/v1", "v1")
+    for where, doc in api_objects(deployments):
+        key = (doc["apiVersion"], doc["kind"])
+        assert key[0] in builtin or key in crds, f"{where}: no CRD for {key} in tests/deploy/crds"
+
+
+@pytest.mark.parametrize(
+    "kind, path, mistake",
+    [
+        # A misspelt field, a wrong type, a misspelt field in a CRD's spec and in its metadata.
+        ("DaemonSet", ["spec", "template", "spec"], {"hostNetwrok": True}),
+        ("DaemonSet", ["spec", "template", "spec"], {"terminationGracePeriodSeconds": "30"}),
+        ("PodMonitor", ["spec", "podMetricsEndpoints", 0], {"intervall": "30s"}),
+        ("NetworkAttachmentDefinition", ["spec"], {"configs": "{}"}),
+        ("NetworkAttachmentDefinition", ["metadata"], {"annotation": {}}),
+    ],
+)
+def test_validation_refuses_what_kubectl_strict_would(
+    deployments: Path, repo_root: Path, kind: str, path: List[Any], mistake: Doc
+) -> None:
+    # The check above can fail: the same objects with one mistake each do not validate.
+    crds = crd_schemas()
+    (doc,) = (copy.deepcopy(d) for _, d in api_objects(deployments) if d["kind"] == kind)
+    target = doc
+    for step in path:
+        target = target[step]
+    target.update(mistake)
+    for version in claimed_versions(repo_root):
+        with pytest.raises(jsonschema.ValidationError) as caught:
+            validate(doc, version, crds)
+        (field,) = mistake
+        where = [str(p) for p in caught.value.absolute_path]
+        assert field in caught.value.message or field in where, (version, caught.value)
