@@ -1,0 +1,230 @@
+"""The front: hand one CNI call to the warm executor (`serve`) and relay its answer.
+
+This is what a runtime execs, so it imports only os, sys, socket, json and struct: no
+pyroute2, no logging, no dataclasses. It moves bytes and decides nothing about the call
+itself. It sends the whole environment, stdin as is, and three descriptors (SCM_RIGHTS): its
+own network namespace (the executor serves only fronts in its own namespace), the pod's
+(CNI_NETNS, opened here, so the executor never resolves that path in its own mount namespace),
+and its stderr (the executor's log lines and the IPAM plugin's stderr for this call go there).
+
+`call` answers None when the call should run in-process instead: executor turned off, no socket,
+a socket that is not root's and private, connection refused, another protocol version, a call
+too large for a frame, or a refusal (e.g. another namespace). Once the executor has the call,
+there is no fallback: it may have changed things; a dead or silent executor is CNI error 11
+(try again later), and the runtime's DEL cleans up, as after any failed ADD.
+
+The wire (both directions): a fixed header, then the payload.
+  request:  REQUEST header (magic, version, flags, netns errno, env length, stdin length),
+            the environment as a JSON object, stdin's bytes.
+  response: RESPONSE header (magic, version, kind, status, payload length), the payload:
+            RESULT: exit status and stdout's bytes; REFUSED: a reason (UTF-8);
+            MISMATCH: the executor speaks another version (its own in the header).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs ~7 ms to import; the front's annotations need it for mypy only
+    from typing import Dict, List, Mapping, Optional, Tuple
+
+MAGIC = b"EHDX"
+VERSION = 1
+REQUEST = struct.Struct("!4sHHHII")  # magic, version, flags, netns errno, env len, stdin len
+RESPONSE = struct.Struct("!4sHHiI")  # magic, version, kind, status, payload len
+F_POD_NETNS = 0x1  # a pod netns descriptor follows the front's own netns descriptor
+F_STDERR = 0x2  # the front's stderr descriptor comes last
+KNOWN_FLAGS = F_POD_NETNS | F_STDERR
+RESULT, REFUSED, MISMATCH = 0, 1, 2
+MAX_ENV = 1 << 20  # bytes of environment JSON
+MAX_STDIN = 8 << 20  # bytes of network configuration
+MAX_OUT = 8 << 20  # bytes of result
+MAX_FDS = 3
+
+DEFAULT_SOCKET = "/run/virtdp/ehost-device.sock"
+DEFAULT_BUDGET = 120.0  # seconds an executor may take to answer one call
+
+
+def executor_socket(environ: Mapping[str, str]) -> Optional[str]:
+    """Where the executor listens, or None: run in-process. Node-side settings only, never the
+    network config (tenants write that, and the front hands the socket a netns descriptor).
+
+    EHOST_DEVICE_SOCKET: an absolute path; set and empty turns the executor off.
+    """
+    path = environ.get("EHOST_DEVICE_SOCKET")
+    if path is None:
+        return DEFAULT_SOCKET
+    if not path:
+        return None
+    if not path.startswith("/"):
+        _warn(f"EHOST_DEVICE_SOCKET={path!r} is not an absolute path; running in-process")
+        return None
+    return path
+
+
+def budget(environ: Mapping[str, str]) -> float:
+    """Seconds to wait for the executor's answer (EHOST_DEVICE_TIMEOUT, default 120)."""
+    try:
+        value = float(environ.get("EHOST_DEVICE_TIMEOUT", "") or DEFAULT_BUDGET)
+    except ValueError:
+        return DEFAULT_BUDGET
+    return value if value > 0 else DEFAULT_BUDGET
+
+
+def _warn(msg: str) -> None:
+    try:
+        sys.stderr.write(f"ehost-device: {msg}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def trusted(path: str) -> Optional[str]:
+    """Why the socket at `path` must not be used (None: use it). Root's, private, in a
+    directory only root can write: anyone else could stand in for the executor and be handed
+    the pod's namespace."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return ""  # no executor: not worth a warning
+    except OSError as e:
+        return f"cannot stat {path}: {e.strerror}"
+    if st.st_mode & 0o170000 != 0o140000:
+        return f"{path} is not a socket"
+    if st.st_uid != 0 or st.st_mode & 0o077:
+        return f"{path} is owned by uid {st.st_uid} with mode {st.st_mode & 0o777:o} (want root, 0600)"
+    parent = os.path.dirname(path) or "/"
+    try:
+        pst = os.stat(parent)
+    except OSError as e:
+        return f"cannot stat {parent}: {e.strerror}"
+    if pst.st_uid != 0 or pst.st_mode & 0o022:
+        return (
+            f"{parent} is owned by uid {pst.st_uid} with mode {pst.st_mode & 0o777:o} "
+            "(want root, writable by root only)"
+        )
+    return None
+
+
+def cni_error(data: bytes, code: int, msg: str, details: str) -> bytes:
+    """A CNI error as stdout bytes, at the config's cniVersion when it is one we speak."""
+    from ehost_device import LATEST, SUPPORTED_VERSIONS
+
+    version = LATEST
+    try:
+        asked = json.loads(data.decode("utf-8"))
+        if isinstance(asked, dict) and asked.get("cniVersion") in SUPPORTED_VERSIONS:
+            version = asked["cniVersion"]
+    except (UnicodeDecodeError, ValueError):
+        pass
+    err = {"cniVersion": version, "code": code, "msg": msg, "details": details}
+    return (json.dumps(err) + "\n").encode()
+
+
+def _open_netns(path: str) -> Tuple[int, int]:
+    """(descriptor, 0) or (-1, errno): the executor reports a failure as in-process mode
+    would have, from the errno."""
+    if not path:
+        return -1, 0
+    try:
+        # O_NONBLOCK: a FIFO named as CNI_NETNS must not hang the call; it is refused later
+        # as not a namespace.
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY), 0
+    except OSError as e:
+        return -1, e.errno or 0
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks: List[bytes] = []
+    while n:
+        chunk = sock.recv(min(n, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def call(
+    path: str, environ: Mapping[str, str], data: bytes, *, timeout: float = DEFAULT_BUDGET
+) -> Optional[Tuple[int, bytes]]:
+    """(exit status, stdout bytes) from the executor, or None: run in-process."""
+    why = trusted(path)
+    if why is not None:
+        if why:
+            _warn(f"not using executor socket: {why}; running in-process")
+        return None
+    env: Dict[str, str] = dict(environ)
+    env_b = json.dumps(env).encode("utf-8", "surrogatepass")
+    if len(env_b) > MAX_ENV or len(data) > MAX_STDIN:
+        return None
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    except OSError:
+        return None
+    fds: List[int] = []
+    try:
+        try:
+            sock.connect(path)
+        except OSError as e:  # gone, refused, not permitted: the executor is not there for us
+            _warn(f"executor at {path} unavailable ({e.strerror}); running in-process")
+            return None
+        fds.append(os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+        flags = 0
+        pod_fd, pod_errno = _open_netns(environ.get("CNI_NETNS", ""))
+        if pod_fd >= 0:
+            fds.append(pod_fd)
+            flags |= F_POD_NETNS
+        try:
+            os.fstat(2)
+            fds.append(2)
+            flags |= F_STDERR
+        except OSError:
+            pass
+        head = REQUEST.pack(MAGIC, VERSION, flags, pod_errno, len(env_b), len(data))
+        sock.settimeout(timeout)
+        try:
+            sock.sendmsg([head], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+            sock.sendall(env_b + data)
+        except OSError as e:
+            return 1, cni_error(
+                data, 11, "the ehost-device executor did not take the call", f"{path}: {e}"
+            )
+        try:
+            magic, version, kind, status, size = RESPONSE.unpack(_recv_exact(sock, RESPONSE.size))
+            if magic != MAGIC:
+                raise EOFError
+            if kind == MISMATCH or version != VERSION:
+                return None
+            if size > MAX_OUT:
+                raise EOFError
+            payload = _recv_exact(sock, size)
+        except socket.timeout:
+            return 1, cni_error(
+                data,
+                11,
+                "the ehost-device executor did not answer in time",
+                f"no answer from {path} within {timeout:g}s",
+            )
+        except (EOFError, OSError, struct.error) as e:
+            return 1, cni_error(
+                data,
+                11,
+                "the ehost-device executor went away during the call",
+                f"{path}: connection closed before a whole answer ({e.__class__.__name__})",
+            )
+        if kind == REFUSED:
+            _warn(f"executor at {path} refused the call: {payload.decode('utf-8', 'replace')}; "
+                  "running in-process")
+            return None
+        return status, payload
+    finally:
+        for fd in fds:
+            if fd != 2:
+                os.close(fd)
+        sock.close()
