@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -20,7 +22,7 @@ from netlab import tag
 from toolrun import tool_command
 
 MODES = ("in-process", "executor")
-CALL_LINE = re.compile(r" (ADD|DEL|CHECK|STATUS|GC) \S*: (ok|error \S+) in ")
+CALL_LINE = re.compile(r" call (\S+) \S+: (ok|error-\S+) in ")
 
 
 def source_env() -> Dict[str, str]:
@@ -37,13 +39,15 @@ class Executor:
     def __init__(
         self, tmp: Path, netns_name: Optional[str], *, extra: Optional[List[str]] = None
     ) -> None:
-        run_dir = tmp / f"run-{tag(6)}"
-        run_dir.mkdir(mode=0o700)
-        self.socket = str(run_dir / "ehost-device.sock")
+        # Unix socket paths are limited to 107 bytes: a short directory of our own in /tmp
+        # (mkdtemp: 0700, unique), not under the test's tmp_path.
+        self.run_dir = Path(tempfile.mkdtemp(prefix="ehd-", dir="/tmp"))
+        self.socket = str(self.run_dir / "ehost-device.sock")
         self.log_path = tmp / f"executor-{tag(6)}.log"
         self.netns_name = netns_name
         self.extra = list(extra or [])
         self.proc: Optional[subprocess.Popen] = None
+        self.socket_left = False
         self.start()
 
     def argv(self) -> List[str]:
@@ -100,17 +104,23 @@ class Executor:
         if sig == signal.SIGKILL:
             self.proc.wait(timeout=30)
 
-    def stop(self) -> int:
-        """SIGTERM, as a DaemonSet stops it; its exit status."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
+    def stop(self, *, remove: bool = True) -> int:
+        """SIGTERM, as a DaemonSet stops it; its exit status. `remove`: delete its directory
+        afterwards (after checking the executor removed its socket itself)."""
         try:
-            return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"executor ignored SIGTERM: {self.log()}") from None
+            if self.proc is None or self.proc.poll() is not None:
+                return self.proc.returncode if self.proc else 0
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"executor ignored SIGTERM: {self.log()}") from None
+        finally:
+            if remove:
+                self.socket_left = os.path.exists(self.socket)
+                shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def mode_env(executor: Optional[Executor]) -> Dict[str, str]:

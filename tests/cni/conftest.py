@@ -97,7 +97,7 @@ class Rig:
             if self.executor is not None:
                 status = self.executor.stop()
                 assert status == 0, f"executor exit status {status}: {self.executor.log()}"
-                assert not os.path.exists(self.executor.socket), "socket left behind"
+                assert not self.executor.socket_left, "the executor left its socket behind"
                 served = self.executor.calls()
                 # The executor mode must not pass by silently running in-process.
                 assert self.forwarded == 0 or served, f"executor served nothing: {self.executor.log()}"
@@ -188,9 +188,9 @@ class Rig:
             "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=p",
             **mode_env(self.executor),
         }
-        if self.executor is not None and command != "VERSION":
-            self.forwarded += 1
         e.update(env or {})
+        if e.get("EHOST_DEVICE_SOCKET") and command != "VERSION":
+            self.forwarded += 1
         for k in drop:
             e.pop(k, None)
         argv = argv or tool_command("ehost-device")

@@ -257,6 +257,27 @@ def _read_request(conn: socket.socket, fds: List[int]) -> Tuple[int, int, Dict[s
     return flags, err, env, body[env_len:]
 
 
+def _peer_gone(conn: socket.socket) -> bool:
+    import select
+
+    poller = select.poll()
+    poller.register(conn, select.POLLRDHUP | select.POLLHUP)
+    return bool(poller.poll(0))
+
+
+def _drain(conn: socket.socket) -> None:
+    """Read what the peer still sends (bounded): a unix socket closed with unread data resets
+    the connection, and the peer would lose the refusal it is owed."""
+    conn.shutdown(socket.SHUT_WR)
+    conn.settimeout(1.0)
+    left = front.MAX_ENV + front.MAX_STDIN
+    while left > 0:
+        chunk = conn.recv(min(left, 1 << 20))
+        if not chunk:
+            return
+        left -= len(chunk)
+
+
 # -- serving ------------------------------------------------------------------------------------
 
 
@@ -298,10 +319,18 @@ class Executor:
                 kind = front.MISMATCH if r.reason == "version" else front.REFUSED
                 with contextlib.suppress(OSError):
                     self._reply(conn, kind, 0, str(r).encode())
+                    _drain(conn)
                 return
             except (OSError, struct.error) as e:
                 self.metrics.refuse("io")
                 log.warning("dropped a request from pid %s: %s", pid, e)
+                return
+            if _peer_gone(conn):
+                # Its front gave up (the executor was stopped or slow past the budget) and
+                # answered 11; the runtime's DEL may already have run: doing the call now
+                # could strand the NIC.
+                self.metrics.refuse("abandoned")
+                log.warning("pid %s gave up before its call ran; dropped it", pid)
                 return
             pod_fd = fds[1] if flags & front.F_POD_NETNS else None
             err_fd = fds[-1] if flags & front.F_STDERR else None
@@ -349,7 +378,7 @@ class Executor:
         try:
             with netns.pinned(env.get("CNI_NETNS", ""), pod_fd, pod_errno):
                 status, out = plugin.run(env, data)
-            result = "ok" if status == 0 else f"error {out.get('code') if out else '?'}"
+            result = "ok" if status == 0 else f"error-{out.get('code') if out else '?'}"
             return status, (json.dumps(out) + "\n").encode() if out is not None else b""
         finally:
             elapsed = time.monotonic() - t0
@@ -357,7 +386,11 @@ class Executor:
                 self.metrics.in_flight -= 1
             self.metrics.call_done(command or "?", result, elapsed)
             log.info(
-                "%s %s: %s in %.1f ms", command, env.get("CNI_CONTAINERID", ""), result, elapsed * 1000
+                "call %s %s: %s in %.1f ms",
+                command or "-",
+                env.get("CNI_CONTAINERID", "") or "-",
+                result,
+                elapsed * 1000,
             )
             _CALL.stream = None
             ipam.CALL_STDERR.fd = None
@@ -375,17 +408,25 @@ class Executor:
             self.slots.release()
 
     def serve(self, listener: socket.socket) -> None:
-        while True:
-            self.slots.acquire()
+        """Accept calls until SIGTERM. The signal interrupts only a wait (for a free slot or a
+        connection); elsewhere it is noted and acted on before the next wait, so a call
+        accepted is always handed to a started thread."""
+        while not _STOP.requested:
+            _STOP.interruptible = True
             try:
-                conn, _ = listener.accept()
-            except BaseException:
-                self.slots.release()
-                raise
+                self.slots.acquire()
+                try:
+                    conn, _ = listener.accept()
+                except BaseException:
+                    self.slots.release()
+                    raise
+            finally:
+                _STOP.interruptible = False
             t = threading.Thread(target=self._thread, args=(conn,), daemon=True)
             with self.lock:
                 self.threads.add(t)
             t.start()
+        raise _Stop(_STOP.requested)
 
     def drain(self, grace: float) -> bool:
         deadline = time.monotonic() + grace
@@ -406,13 +447,23 @@ class _Stop(Exception):
 _PID = 0  # the executor's own pid, once serving
 
 
+class _StopState:
+    requested = ""  # the signal's name once one came
+    interruptible = False  # the main thread is waiting for a call
+
+
+_STOP = _StopState()
+
+
 def _stop(signum: int, frame: Any) -> None:
     if os.getpid() != _PID:
         # A forked helper (pyroute2's namespace socket opener, a temporary namespace holder)
         # inherits this handler; pyroute2 ends its helper with SIGTERM. Raising here would
         # unwind the helper through a copy of the call (and its sockets): die as SIG_DFL would.
         os._exit(128 + signum)
-    raise _Stop(signal.Signals(signum).name)
+    _STOP.requested = signal.Signals(signum).name
+    if _STOP.interruptible:
+        raise _Stop(_STOP.requested)
 
 
 def _warm_up() -> None:
