@@ -100,7 +100,9 @@ class Rig:
                 assert not self.executor.socket_left, "the executor left its socket behind"
                 served = self.executor.calls()
                 # The executor mode must not pass by silently running in-process.
-                assert self.forwarded == 0 or served, f"executor served nothing: {self.executor.log()}"
+                assert (
+                    self.forwarded == 0 or served
+                ), f"executor served nothing: {self.executor.log()}"
         finally:
             for ns in reversed(self.namespaces):
                 ns.close()

@@ -29,7 +29,6 @@ from typing import Iterator
 
 import pytest
 from conftest import CNI_BIN, Rig, finish
-from executor import Executor
 from fakesysfs import FakeSysfs
 
 from ehost_device import front, locks
@@ -59,11 +58,11 @@ def _slow_ipam(rig: Rig, where: str) -> str:
     marks = rig.tmp / "marks"
     marks.mkdir(exist_ok=True)
     if where == "before":
-        body = f'echo $$ > {marks}/pid\ntouch {marks}/paused\nsleep 3\nexec {CNI_BIN}/host-local\n'
+        body = f"echo $$ > {marks}/pid\ntouch {marks}/paused\nsleep 3\nexec {CNI_BIN}/host-local\n"
     else:
         body = (
             f"echo $$ > {marks}/pid\nout=$({CNI_BIN}/host-local)\nrc=$?\n"
-            f"touch {marks}/paused\nsleep 3\necho \"$out\"\nexit $rc\n"
+            f'touch {marks}/paused\nsleep 3\necho "$out"\nexit $rc\n'
         )
     script = d / "slow-ipam"
     script.write_text(
@@ -232,13 +231,15 @@ def test_peer_that_is_not_root_is_refused(erig: Rig):
     os.chmod(ex.socket, 0o666)
     client = (
         "import json, os, socket, struct, sys\n"
-        "env = json.dumps({'CNI_COMMAND': 'DEL', 'CNI_CONTAINERID': 'x', 'CNI_IFNAME': 'n'}).encode()\n"
+        "env = {'CNI_COMMAND': 'DEL', 'CNI_CONTAINERID': 'x', 'CNI_IFNAME': 'n'}\n"
+        "env = json.dumps(env).encode()\n"
         "data = b'{}'\n"
         f"head = struct.pack('!4sHHHII', b'EHDX', {front.VERSION}, 0, 0, len(env), len(data))\n"
         "s = socket.socket(socket.AF_UNIX)\n"
         "s.connect(sys.argv[1])\n"
         "fd = os.open('/proc/self/ns/net', os.O_RDONLY)\n"
-        "s.sendmsg([head + env + data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack('i', fd))])\n"
+        "anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack('i', fd))]\n"
+        "s.sendmsg([head + env + data], anc)\n"
         "s.shutdown(socket.SHUT_WR)\n"
         "reply = b''\n"
         "while True:\n"
@@ -248,9 +249,24 @@ def test_peer_that_is_not_root_is_refused(erig: Rig):
         "print(struct.unpack('!4sHHiI', reply[:16])[2], reply[16:].decode())\n"
     )
     p = subprocess.run(
-        ["ip", "netns", "exec", rig.node.name, "setpriv", "--reuid=65534", "--regid=65534",
-         "--clear-groups", "/usr/bin/python3", "-I", "-c", client, ex.socket],
-        capture_output=True, text=True, timeout=30,
+        [
+            "ip",
+            "netns",
+            "exec",
+            rig.node.name,
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-I",
+            "-c",
+            client,
+            ex.socket,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert p.returncode == 0, p.stderr
     kind, _, reason = p.stdout.strip().partition(" ")
@@ -313,15 +329,29 @@ def test_other_protocol_version_runs_in_process():
     try:
         with tempfile.TemporaryDirectory() as tmp:
             fake = FakeSysfs(Path(tmp) / "sys")
-            conf = {"cniVersion": "1.1.0", "name": "n", "type": "ehost-device",
-                    "sysfsRoot": str(fake.root)}
+            conf = {
+                "cniVersion": "1.1.0",
+                "name": "n",
+                "type": "ehost-device",
+                "sysfsRoot": str(fake.root),
+            }
             from executor import source_env
             from toolrun import tool_command
 
-            env = {"PATH": "/usr/bin:/bin", "CNI_COMMAND": "STATUS", "EHOST_DEVICE_SOCKET": path,
-                   **source_env()}
-            p = subprocess.run(tool_command("ehost-device"), input=json.dumps(conf), env=env,
-                               capture_output=True, text=True, timeout=60)
+            env = {
+                "PATH": "/usr/bin:/bin",
+                "CNI_COMMAND": "STATUS",
+                "EHOST_DEVICE_SOCKET": path,
+                **source_env(),
+            }
+            p = subprocess.run(
+                tool_command("ehost-device"),
+                input=json.dumps(conf),
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
         assert p.returncode == 0, (p.stdout, p.stderr)  # STATUS in-process: the tree is readable
         t.join(10)
         assert seen == [front.VERSION]
@@ -391,7 +421,9 @@ def test_serve_refuses_a_directory_others_may_write(tmp_path: Path):
         p = subprocess.run(
             [*tool_command("ehost-device"), "serve", "--socket", str(d / "s.sock")],
             env={"PATH": "/usr/bin:/bin", **source_env()},
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert p.returncode != 0
         assert "0700" in p.stderr and str(d) in p.stderr, p.stderr

@@ -5,7 +5,8 @@ pyroute2, no logging, no dataclasses. It moves bytes and decides nothing about t
 itself. It sends the whole environment, stdin as is, and three descriptors (SCM_RIGHTS): its
 own network namespace (the executor serves only fronts in its own namespace), the pod's
 (CNI_NETNS, opened here, so the executor never resolves that path in its own mount namespace),
-and its stderr (the executor's log lines and the IPAM plugin's stderr for this call go there).
+and the write end of a pipe it relays to its stderr (the executor's log lines and the IPAM
+plugin's stderr for this call).
 
 `call` answers None when the call should run in-process instead: executor turned off, no socket,
 a socket that is not root's and private, connection refused, another protocol version, a call
@@ -38,7 +39,7 @@ VERSION = 1
 REQUEST = struct.Struct("!4sHHHII")  # magic, version, flags, netns errno, env len, stdin len
 RESPONSE = struct.Struct("!4sHHiI")  # magic, version, kind, status, payload len
 F_POD_NETNS = 0x1  # a pod netns descriptor follows the front's own netns descriptor
-F_STDERR = 0x2  # the front's stderr descriptor comes last
+F_STDERR = 0x2  # the write end of the front's stderr relay comes last
 KNOWN_FLAGS = F_POD_NETNS | F_STDERR
 RESULT, REFUSED, MISMATCH = 0, 1, 2
 MAX_ENV = 1 << 20  # bytes of environment JSON
@@ -97,7 +98,9 @@ def trusted(path: str) -> Optional[str]:
     if st.st_mode & 0o170000 != 0o140000:
         return f"{path} is not a socket"
     if st.st_uid != 0 or st.st_mode & 0o077:
-        return f"{path} is owned by uid {st.st_uid} with mode {st.st_mode & 0o777:o} (want root, 0600)"
+        return (
+            f"{path} is owned by uid {st.st_uid} with mode {st.st_mode & 0o777:o} (want root, 0600)"
+        )
     parent = os.path.dirname(path) or "/"
     try:
         pst = os.stat(parent)
@@ -139,15 +142,73 @@ def _open_netns(path: str) -> Tuple[int, int]:
         return -1, e.errno or 0
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    chunks: List[bytes] = []
-    while n:
-        chunk = sock.recv(min(n, 1 << 20))
+def _relay(sock: socket.socket, relay_r: int, timeout: float) -> Tuple[int, int, bytes]:
+    """(kind, status, payload) of the executor's answer, relaying the call's stderr meanwhile.
+    Raises TimeoutError past `timeout`, EOFError on a cut or malformed answer."""
+    import select  # already loaded by socket (selectors)
+
+    deadline = _now() + timeout
+    buf = b""
+    need = RESPONSE.size
+    head: Optional[Tuple[bytes, int, int, int, int]] = None
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    if relay_r >= 0:
+        poller.register(relay_r, select.POLLIN)
+    while True:
+        if head is not None and len(buf) >= need:
+            break
+        left = deadline - _now()
+        if left <= 0:
+            raise TimeoutError
+        for fd, _ in poller.poll(left * 1000):
+            if fd == relay_r:
+                chunk = os.read(relay_r, 65536)
+                if chunk:
+                    _write_all(2, chunk)
+                else:
+                    poller.unregister(relay_r)
+                    relay_r = -2  # EOF: the executor is done writing
+                continue
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                raise EOFError
+            buf += chunk
+            if head is None and len(buf) >= RESPONSE.size:
+                head = RESPONSE.unpack(buf[: RESPONSE.size])
+                magic, version, kind, _, size = head
+                if magic != MAGIC:
+                    raise EOFError
+                if kind == MISMATCH or version != VERSION:
+                    return MISMATCH, 0, b""
+                if size > MAX_OUT:
+                    raise EOFError
+                need = RESPONSE.size + size
+    # The answer is whole; the executor closes its end of the relay right after sending it.
+    while relay_r >= 0 and _now() < deadline:
+        if not poller.poll(min(1.0, deadline - _now()) * 1000):
+            break
+        chunk = os.read(relay_r, 65536)
         if not chunk:
-            raise EOFError
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
+            break
+        _write_all(2, chunk)
+    assert head is not None
+    return head[2], head[3], buf[RESPONSE.size : need]
+
+
+def _now() -> float:
+    import time  # built in: no import cost
+
+    return time.monotonic()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError:
+        pass
 
 
 def call(
@@ -180,31 +241,34 @@ def call(
         if pod_fd >= 0:
             fds.append(pod_fd)
             flags |= F_POD_NETNS
+        # The executor's log lines and the IPAM plugin's stderr come through a pipe this front
+        # relays to its own stderr: never the runtime's stderr itself, which an executor that
+        # outlived our patience would otherwise hold open (and the runtime wait for its EOF).
+        relay_r = -1
         try:
             os.fstat(2)
-            fds.append(2)
+            relay_r, relay_w = os.pipe2(os.O_CLOEXEC)
+            fds.append(relay_w)
             flags |= F_STDERR
         except OSError:
             pass
         head = REQUEST.pack(MAGIC, VERSION, flags, pod_errno, len(env_b), len(data))
         sock.settimeout(timeout)
         try:
-            sock.sendmsg([head], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+            sock.sendmsg(
+                [head], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+            )
+            for fd in fds:  # the executor has its copies
+                os.close(fd)
+            fds = []
             sock.sendall(env_b + data)
         except OSError as e:
             return 1, cni_error(
                 data, 11, "the ehost-device executor did not take the call", f"{path}: {e}"
             )
         try:
-            magic, version, kind, status, size = RESPONSE.unpack(_recv_exact(sock, RESPONSE.size))
-            if magic != MAGIC:
-                raise EOFError
-            if kind == MISMATCH or version != VERSION:
-                return None
-            if size > MAX_OUT:
-                raise EOFError
-            payload = _recv_exact(sock, size)
-        except socket.timeout:
+            reply = _relay(sock, relay_r, timeout)
+        except TimeoutError:
             return 1, cni_error(
                 data,
                 11,
@@ -218,13 +282,20 @@ def call(
                 "the ehost-device executor went away during the call",
                 f"{path}: connection closed before a whole answer ({e.__class__.__name__})",
             )
+        finally:
+            if relay_r >= 0:
+                os.close(relay_r)
+        kind, status, payload = reply
+        if kind == MISMATCH:
+            return None
         if kind == REFUSED:
-            _warn(f"executor at {path} refused the call: {payload.decode('utf-8', 'replace')}; "
-                  "running in-process")
+            _warn(
+                f"executor at {path} refused the call: {payload.decode('utf-8', 'replace')}; "
+                "running in-process"
+            )
             return None
         return status, payload
     finally:
         for fd in fds:
-            if fd != 2:
-                os.close(fd)
+            os.close(fd)
         sock.close()

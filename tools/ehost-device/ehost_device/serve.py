@@ -119,8 +119,12 @@ class Metrics:
             ]
             for cmd, h in sorted(self.hist.items()):
                 for i, b in enumerate(_BUCKETS):
-                    out.append(f'ehost_device_call_seconds_bucket{{command="{cmd}",le="{b}"}} {int(h[i])}')
-                out.append(f'ehost_device_call_seconds_bucket{{command="{cmd}",le="+Inf"}} {int(h[-1])}')
+                    out.append(
+                        f'ehost_device_call_seconds_bucket{{command="{cmd}",le="{b}"}} {int(h[i])}'
+                    )
+                out.append(
+                    f'ehost_device_call_seconds_bucket{{command="{cmd}",le="+Inf"}} {int(h[-1])}'
+                )
                 out.append(f'ehost_device_call_seconds_sum{{command="{cmd}"}} {h[-2]:.6f}')
                 out.append(f'ehost_device_call_seconds_count{{command="{cmd}"}} {int(h[-1])}')
             out += [
@@ -231,9 +235,13 @@ def _read_request(conn: socket.socket, fds: List[int]) -> Tuple[int, int, Dict[s
         msg += _recv_exact(conn, front.REQUEST.size - len(msg))
     magic, version, flags, err, env_len, stdin_len = front.REQUEST.unpack(msg)
     if magic != front.MAGIC:
-        raise Refused("magic", f"not an ehost-device request: magic {magic!r}, expected {front.MAGIC!r}")
+        raise Refused(
+            "magic", f"not an ehost-device request: magic {magic!r}, expected {front.MAGIC!r}"
+        )
     if version != front.VERSION:
-        raise Refused("version", f"protocol version {version}; this executor speaks {front.VERSION}")
+        raise Refused(
+            "version", f"protocol version {version}; this executor speaks {front.VERSION}"
+        )
     if flags & ~front.KNOWN_FLAGS:
         raise Refused("flags", f"unknown flags {flags:#x}")
     if env_len > front.MAX_ENV or stdin_len > front.MAX_STDIN:
@@ -536,10 +544,17 @@ def main(argv: List[str]) -> int:
     sub = ap.add_subparsers(dest="mode", required=True)
     s = sub.add_parser("serve", help="answer CNI calls on a unix socket (the warm executor)")
     s.add_argument(
-        "--socket", default=front.DEFAULT_SOCKET, help=f"socket path (default {front.DEFAULT_SOCKET})"
+        "--socket",
+        default=front.DEFAULT_SOCKET,
+        help=f"socket path (default {front.DEFAULT_SOCKET})",
     )
     s.add_argument("--metrics-address", metavar="HOST:PORT", help="serve Prometheus /metrics here")
-    s.add_argument("--grace", type=float, default=DEFAULT_GRACE, help="seconds SIGTERM waits for calls in flight")
+    s.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE,
+        help="seconds SIGTERM waits for calls in flight",
+    )
     s.add_argument("-v", "--verbose", action="store_true", help="log every call")
     p = sub.add_parser("probe", help="exit 0 if the executor answers (a readiness probe)")
     p.add_argument("--socket", default=front.DEFAULT_SOCKET)
