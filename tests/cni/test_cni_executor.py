@@ -431,3 +431,34 @@ def test_serve_refuses_a_directory_others_may_write(tmp_path: Path):
         assert stat.S_IMODE(d.stat().st_mode) == 0o777
     finally:
         d.rmdir()
+
+
+def test_front_path_imports_no_plugin_machinery(erig: Rig):
+    """A call through the executor loads no pyroute2, logging, dataclasses, typing or
+    subprocess in the front: only what moving bytes needs."""
+    rig = erig
+    rig.nic(PCI, "ens5")
+    pod = rig.pod()
+    code = (
+        "import os, sys\n"
+        "real_exit = os._exit\n"
+        "def report(status):\n"
+        "    heavy = sorted(m for m in sys.modules if m.split('.')[0] in\n"
+        "        ('pyroute2', 'logging', 'dataclasses', 'typing', 'subprocess', 'asyncio',\n"
+        "         'ehost_device.plugin', 'ehost_device.conf', 'virtcore'))\n"
+        "    sys.stderr.write('HEAVY=' + ','.join(heavy) + '\\n'); sys.stderr.flush()\n"
+        "    real_exit(status)\n"
+        "os._exit = report\n"
+        "from ehost_device.cli import main\n"
+        "main()\n"
+    )
+    from executor import source_env
+
+    argv = ["/usr/bin/env", "python3", "-c", code]
+    if not source_env():
+        pytest.skip("checks the front from source (the PEX's own bootstrap loads more)")
+    run = rig.cni("DEL", rig.conf("1.0.0", deviceID=PCI), pod=pod, argv=argv)
+    run.ok()
+    (line,) = (x for x in run.stderr.splitlines() if x.startswith("HEAVY="))
+    assert line == "HEAVY=", line
+    assert rig.executor is not None and rig.executor.calls() == ["DEL"]
