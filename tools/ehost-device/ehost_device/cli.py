@@ -63,11 +63,10 @@ def main() -> int:
     if path is not None:
         answer = front.call(path, environ, data, timeout=front.budget(environ))
         if answer is not None:
-            status, out = answer
-            view = memoryview(out)
+            view = memoryview(answer[1])
             while view:
                 view = view[os.write(1, view) :]
-            os._exit(status)
+            os._exit(answer[0])
     import gc
 
     # One short process, ended by `_exit_now`: the cyclic collector would only walk the few
