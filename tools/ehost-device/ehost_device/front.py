@@ -262,13 +262,21 @@ def call(
                 os.close(fd)
             fds = []
             sock.sendall(env_b + data)
+            send_error = None
         except OSError as e:
-            return 1, cni_error(
-                data, 11, "the ehost-device executor did not take the call", f"{path}: {e}"
-            )
+            # It may have answered already (another protocol version, a refusal) and closed
+            # without reading the rest: that answer decides; without one, it is 11.
+            send_error = e
         try:
-            reply = _relay(sock, relay_r, timeout)
+            reply = _relay(sock, relay_r, timeout if send_error is None else min(timeout, 5.0))
         except TimeoutError:
+            if send_error is not None:
+                return 1, cni_error(
+                    data,
+                    11,
+                    "the ehost-device executor did not take the call",
+                    f"{path}: {send_error}",
+                )
             return 1, cni_error(
                 data,
                 11,
@@ -276,6 +284,13 @@ def call(
                 f"no answer from {path} within {timeout:g}s",
             )
         except (EOFError, OSError, struct.error) as e:
+            if send_error is not None:
+                return 1, cni_error(
+                    data,
+                    11,
+                    "the ehost-device executor did not take the call",
+                    f"{path}: {send_error}",
+                )
             return 1, cni_error(
                 data,
                 11,
@@ -286,6 +301,10 @@ def call(
             if relay_r >= 0:
                 os.close(relay_r)
         kind, status, payload = reply
+        if send_error is not None and kind == RESULT:  # cannot be: it had no whole request
+            return 1, cni_error(
+                data, 11, "the ehost-device executor did not take the call", f"{path}: {send_error}"
+            )
         if kind == MISMATCH:
             return None
         if kind == REFUSED:
