@@ -1,16 +1,15 @@
 """The executable's entry: read the CNI call, answer VERSION at once, hand the rest to the warm
 executor (`front`), or, when there is none for us, to `plugin` in this process.
 
-VERSION imports nothing beyond `json` (no pyroute2, not even `conf`): runtimes probe it often,
-and `main` returns its status. The executor path imports only os, sys, socket, json and struct.
-Every other command ends the process itself once its answer is written (`_exit_now`): `main`
-does not return from them. `ehost-device serve|probe ...` (arguments, no CNI_COMMAND) runs the
-executor itself (`serve`).
+VERSION imports nothing beyond `lean_json` (no pyroute2, not `conf`, not even `json`):
+runtimes probe it often, and `main` returns its status. The executor path imports only os,
+sys, socket, struct and `lean_json`. Every other command ends the process itself once its
+answer is written (`_exit_now`): `main` does not return from them. `ehost-device serve|probe
+...` (arguments, no CNI_COMMAND) runs the executor itself (`serve`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -24,10 +23,11 @@ def _stdin() -> bytes:
 def version_answer(data: bytes) -> str:
     """The VERSION answer (stdout text) to the config `data`."""
     import ehost_device as conf
+    from ehost_device import lean_json
 
     version = conf.LATEST
     try:
-        asked = json.loads(data.decode("utf-8")) if data.strip() else {}
+        asked = lean_json.loads(data.decode("utf-8")) if data.strip() else {}
         # Echo the caller's version (spec 1.1, "VERSION Success"), but never an empty one:
         # libcni's decoder rejects a VERSION answer whose cniVersion is "".
         if isinstance(asked, dict) and isinstance(asked.get("cniVersion"), str):
@@ -35,7 +35,7 @@ def version_answer(data: bytes) -> str:
     except (UnicodeDecodeError, ValueError):
         pass
     answer = {"cniVersion": version, "supportedVersions": list(conf.SUPPORTED_VERSIONS)}
-    return json.dumps(answer) + "\n"
+    return lean_json.dumps(answer) + "\n"
 
 
 def main() -> int:
@@ -72,6 +72,8 @@ def main() -> int:
     # One short process, ended by `_exit_now`: the cyclic collector would only walk the few
     # hundred modules being imported, again and again (~5 ms), to free nothing that matters.
     gc.disable()
+    import json
+
     from ehost_device import plugin
 
     status, out = plugin.run(environ, data)
