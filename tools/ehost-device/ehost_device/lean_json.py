@@ -3,9 +3,9 @@
 `import json` costs ~8 ms here (json.decoder imports `re`, which imports `enum`, ...): a third
 of the front's whole run. CPython's built-in `_json` accelerator (compiled into every CPython
 3.9-3.13, no import cost) parses and escapes strings on its own; this module gives it the few
-lines around it. Output is byte for byte `json.dumps`'s with its default separators; input is
-what `json.loads` accepts (a malformed document raises ValueError). Where `_json` is missing,
-the `json` package does the work.
+lines around it. Output is byte for byte `json.dumps`'s with its default separators. A
+well-formed document is parsed by the accelerator alone; anything else goes to `json.loads`
+itself, which raises the error it always raises.
 """
 
 from __future__ import annotations
@@ -91,8 +91,12 @@ def loads(text: str) -> Any:
     body = text.strip(_WS)
     try:
         obj, end = _json.make_scanner(_Context())(body, 0)
-    except StopIteration:
-        raise ValueError("expecting a JSON value") from None
-    if end != len(body):
-        raise ValueError(f"extra data at {end}")
-    return obj
+        if end == len(body):
+            return obj
+    except Exception:  # noqa: S110 (the json package gives the authoritative error below)
+        pass
+    # Not one well-formed document (or the accelerator could not say why: its error path wants
+    # json.decoder loaded): json.loads decides, and raises the error it would have raised.
+    import json
+
+    return json.loads(text)
