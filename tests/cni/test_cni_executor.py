@@ -29,6 +29,7 @@ from typing import Iterator
 
 import pytest
 from conftest import CNI_BIN, Rig, finish
+from executor import Executor, source_env
 from fakesysfs import FakeSysfs
 
 from ehost_device import front, locks
@@ -335,7 +336,6 @@ def test_other_protocol_version_runs_in_process():
                 "type": "ehost-device",
                 "sysfsRoot": str(fake.root),
             }
-            from executor import source_env
             from toolrun import tool_command
 
             env = {
@@ -415,7 +415,6 @@ def test_serve_refuses_a_directory_others_may_write(tmp_path: Path):
     d = _shared_dir()
     try:
         d.chmod(0o777)
-        from executor import source_env
         from toolrun import tool_command
 
         p = subprocess.run(
@@ -452,7 +451,6 @@ def test_front_path_imports_no_plugin_machinery(erig: Rig):
         "from ehost_device.cli import main\n"
         "main()\n"
     )
-    from executor import source_env
 
     argv = ["/usr/bin/env", "python3", "-c", code]
     if not source_env():
@@ -462,3 +460,38 @@ def test_front_path_imports_no_plugin_machinery(erig: Rig):
     (line,) = (x for x in run.stderr.splitlines() if x.startswith("HEAVY="))
     assert line == "HEAVY=", line
     assert rig.executor is not None and rig.executor.calls() == ["DEL"]
+
+
+def test_metrics_count_calls_latency_and_refusals(tmp_path: Path, fake_sysfs: FakeSysfs):
+    """--metrics-address: calls by command and result, a latency histogram, calls in flight,
+    frames refused, in the Prometheus text format, read from inside the node namespace."""
+    port = 20000 + os.getpid() % 20000
+    rig = Rig(tmp_path, fake_sysfs, "in-process")
+    try:
+        rig.executor = Executor(
+            tmp_path, rig.node.name, extra=["--metrics-address", f"127.0.0.1:{port}"]
+        )
+        rig.nic(PCI, "ens5")
+        pod = rig.pod()
+        conf = rig.conf("1.0.0", deviceID=PCI)
+        out = rig.cni("ADD", conf, pod=pod).ok()
+        rig.cni("ADD", conf, pod=rig.pod(), container_id="other").error(102)
+        rig.cni("DEL", dict(conf, prevResult=out), pod=pod).ok()
+        fetch = (
+            "import urllib.request, sys;"
+            f"sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read()"
+            ".decode())"
+        )
+        text = rig.node.exec("python3", "-I", "-c", fetch).stdout
+    finally:
+        rig.close()
+    lines = set(text.splitlines())
+    assert 'ehost_device_calls_total{command="ADD",result="ok"} 1' in lines, text
+    assert 'ehost_device_calls_total{command="ADD",result="error-102"} 1' in lines, text
+    assert 'ehost_device_calls_total{command="DEL",result="ok"} 1' in lines, text
+    assert 'ehost_device_call_seconds_count{command="ADD"} 2' in lines, text
+    assert 'ehost_device_call_seconds_bucket{command="ADD",le="+Inf"} 2' in lines, text
+    assert "ehost_device_calls_in_flight 0" in lines, text
+    # The readiness checks' bare connects.
+    assert any(x.startswith('ehost_device_frames_refused_total{reason="empty"}') for x in lines)
+    assert "# TYPE ehost_device_call_seconds histogram" in lines
