@@ -269,44 +269,41 @@ def call(
             # It may have answered already (another protocol version, a refusal) and closed
             # without reading the rest: that answer decides; without one, it is 11.
             send_error = e
+        not_taken = ("the ehost-device executor did not take the call", f"{path}: {send_error}")
         try:
             reply = _relay(sock, relay_r, timeout if send_error is None else min(timeout, 5.0))
         except TimeoutError:
-            if send_error is not None:
-                return 1, cni_error(
-                    data,
-                    11,
-                    "the ehost-device executor did not take the call",
-                    f"{path}: {send_error}",
-                )
             return 1, cni_error(
                 data,
                 11,
-                "the ehost-device executor did not answer in time",
-                f"no answer from {path} within {timeout:g}s",
+                *(
+                    not_taken
+                    if send_error
+                    else (
+                        "the ehost-device executor did not answer in time",
+                        f"no answer from {path} within {timeout:g}s",
+                    )
+                ),
             )
         except (EOFError, OSError, struct.error) as e:
-            if send_error is not None:
-                return 1, cni_error(
-                    data,
-                    11,
-                    "the ehost-device executor did not take the call",
-                    f"{path}: {send_error}",
-                )
             return 1, cni_error(
                 data,
                 11,
-                "the ehost-device executor went away during the call",
-                f"{path}: connection closed before a whole answer ({e.__class__.__name__})",
+                *(
+                    not_taken
+                    if send_error
+                    else (
+                        "the ehost-device executor went away during the call",
+                        f"{path}: connection closed before a whole answer ({type(e).__name__})",
+                    )
+                ),
             )
         finally:
             if relay_r >= 0:
                 os.close(relay_r)
         kind, status, payload = reply
         if send_error is not None and kind == RESULT:  # cannot be: it had no whole request
-            return 1, cni_error(
-                data, 11, "the ehost-device executor did not take the call", f"{path}: {send_error}"
-            )
+            return 1, cni_error(data, 11, *not_taken)
         if kind == MISMATCH:
             return None
         if kind == REFUSED:
