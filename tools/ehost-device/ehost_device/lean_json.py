@@ -90,7 +90,7 @@ def loads(text: str) -> Any:
         return json.loads(text)
     body = text.strip(_WS)
     try:
-        obj, end = _json.make_scanner(_Context())(body, 0)
+        obj, end = _json.make_scanner(_Context())(body, 0)  # type: ignore[arg-type]
         if end == len(body):
             return obj
     except Exception:  # noqa: S110 (the json package gives the authoritative error below)
