@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
+from executor import MODES, Executor, mode_env
 from fakesysfs import FakeSysfs
 from netlab import Netns, ip, tag, veth
 from toolrun import node_policy, tool_command
@@ -48,7 +49,10 @@ class CniRun:
 
 
 class Rig:
-    def __init__(self, tmp_path: Path, fake: FakeSysfs) -> None:
+    """A node namespace and its NICs; `mode` is how the plugin runs: in-process, or through a
+    warm executor (`ehost-device serve`) started in the node namespace for this rig."""
+
+    def __init__(self, tmp_path: Path, fake: FakeSysfs, mode: str = "in-process") -> None:
         self.tmp = tmp_path
         self.fake = fake
         self.ipam_dir = tmp_path / "ipam"
@@ -58,6 +62,15 @@ class Rig:
         # The node policy: node-side settings (the fake tree) never come from the config.
         self.policy = tmp_path / "ehost-device.yaml"
         self.write_policy()
+        self.mode = mode
+        self.executor: Optional[Executor] = None
+        self.forwarded = 0  # calls made while an executor was meant to take them
+        if mode == "executor":
+            try:
+                self.executor = Executor(tmp_path, self.node.name)
+            except BaseException:
+                self.close()
+                raise
 
     def write_policy(self, **settings: Any) -> Path:
         """Rewrite the node policy file: sysfsRoot on the fake tree, plus `settings`."""
@@ -88,8 +101,19 @@ class Rig:
         self.fake.add_virtio_nic(pci_b, name_b, mac=self.link(name_b)["address"])
 
     def close(self) -> None:
-        for ns in reversed(self.namespaces):
-            ns.close()
+        try:
+            if self.executor is not None:
+                status = self.executor.stop()
+                assert status == 0, f"executor exit status {status}: {self.executor.log()}"
+                assert not self.executor.socket_left, "the executor left its socket behind"
+                served = self.executor.calls()
+                # The executor mode must not pass by silently running in-process.
+                assert (
+                    self.forwarded == 0 or served
+                ), f"executor served nothing: {self.executor.log()}"
+        finally:
+            for ns in reversed(self.namespaces):
+                ns.close()
 
     # -- reading -----------------------------------------------------------------------------
     def link(self, name: str, ns: Optional[Netns] = None) -> Dict[str, Any]:
@@ -172,8 +196,11 @@ class Rig:
             "CNI_PATH": cni_path,
             "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=p",
             "EHOST_DEVICE_POLICY": str(self.policy),
+            **mode_env(self.executor),
         }
         e.update(env or {})
+        if e.get("EHOST_DEVICE_SOCKET") and command != "VERSION":
+            self.forwarded += 1
         for k in drop:
             e.pop(k, None)
         argv = argv or tool_command("ehost-device")
@@ -227,9 +254,9 @@ def check_result_shape(out: Dict[str, Any], version: str, ifname: str, sandbox: 
     assert isinstance(out["dns"], dict)
 
 
-@pytest.fixture
-def rig(tmp_path: Path, fake_sysfs: FakeSysfs) -> Iterator[Rig]:
-    r = Rig(tmp_path, fake_sysfs)
+@pytest.fixture(params=MODES)
+def rig(request: pytest.FixtureRequest, tmp_path: Path, fake_sysfs: FakeSysfs) -> Iterator[Rig]:
+    r = Rig(tmp_path, fake_sysfs, request.param)
     try:
         yield r
     finally:

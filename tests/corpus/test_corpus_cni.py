@@ -18,6 +18,9 @@ directory. The node's own NICs, which the node policy must refuse: @UPLINK@ (ens
 namespace's IPv4 default route), @UPLINK6@ (ens8, an IPv6 default route in routing table 100),
 @ADDRNIC@ (ens9, an address the node routes with). @OTHER@ (ens10) is an eligible NIC outside
 the pool that the policy file @POLICY_POOLS@ allows; @POLICY_BAD@ is a malformed policy file.
+
+Every case runs in both modes (tests/executor.py): in-process, and through a warm executor
+serving the corpus node; the answer must be the same.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator
 
 import pytest
+from executor import MODES, Executor, mode_env
 from fakesysfs import FakeSysfs
 from netlab import Netns, ip, tag, veth
 from toolrun import node_policy, tool_command
@@ -142,12 +146,31 @@ def corpus_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CorpusNode
         lab.close()
 
 
+@pytest.fixture(scope="module", params=MODES)
+def corpus_executor(
+    request: pytest.FixtureRequest,
+    corpus_node: CorpusNode,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Executor | None]:
+    if request.param == "in-process":
+        yield None
+        return
+    ex = Executor(tmp_path_factory.mktemp("corpus-exec"), corpus_node.node.name)
+    try:
+        yield ex
+    finally:
+        assert ex.stop() == 0, ex.log()
+    assert len(ex.calls()) >= len(CASES) - 5, f"the executor served too few cases: {ex.log()}"
+
+
 def test_corpus_is_big_enough():
     assert len(CASES) >= 50, f"only {len(CASES)} CNI cases in tests/corpus/cni"
 
 
 @pytest.mark.parametrize("case_file", CASES, ids=[p.stem for p in CASES])
-def test_bad_cni_invocation(case_file: Path, corpus_node: CorpusNode, figures):
+def test_bad_cni_invocation(
+    case_file: Path, corpus_node: CorpusNode, corpus_executor: Executor | None, figures
+):
     case = json.loads(corpus_node.fill(case_file.read_text()))
     assert set(case) <= {
         "description",
@@ -168,6 +191,7 @@ def test_bad_cni_invocation(case_file: Path, corpus_node: CorpusNode, figures):
         "CNI_PATH": "/usr/lib/cni",
         "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=corpus",
         **corpus_node.policy_env,
+        **mode_env(corpus_executor),
     }
     argv = tool_command("ehost-device")
     if not argv[0].endswith(".pex") and os.environ.get("PYTHONPATH"):

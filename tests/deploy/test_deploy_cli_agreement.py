@@ -386,3 +386,48 @@ def test_nad_config_plumbs_a_nic_with_the_real_ehost_device(
         pod.close()
         node.close()
         peer.close()
+
+
+def executor_container(deployments: Path) -> Doc:
+    (c,) = (c for c in pod_spec(deployments)["containers"] if c["name"] == "ehost-device-executor")
+    return c
+
+
+def test_executor_container_serves_where_the_plugin_looks(deployments: Path) -> None:
+    """The executor's socket is the front's default, its readiness probe asks that socket, and
+    it sees the host paths a CNI call touches at the same paths."""
+    from ehost_device import front, locks
+
+    c = executor_container(deployments)
+    args = c["args"]
+    assert args[0] == "serve"
+    flags = flag_values(args[1:])
+    assert flags["--socket"] == front.DEFAULT_SOCKET
+    for probe in ("readinessProbe", "startupProbe"):
+        cmd = c[probe]["exec"]["command"]
+        assert cmd[0] == c["command"][0] and cmd[1:] == ["probe", "--socket", front.DEFAULT_SOCKET]
+    spec = pod_spec(deployments)
+    assert spec["hostNetwork"] is True, "a call's host namespace is the executor's own"
+    assert c["securityContext"]["privileged"] is True
+    for path in ("/opt/cni/bin", "/var/lib/cni", os.path.dirname(front.DEFAULT_SOCKET), "/sys"):
+        _, volume = mount_for(deployments, c, path)
+        assert volume["hostPath"]["path"] == path, f"{path} must be the host's {path}"
+    assert os.path.dirname(locks.LOCK_DIR) == os.path.dirname(front.DEFAULT_SOCKET)
+    env = {e["name"]: e["value"] for e in c.get("env", [])}
+    _, tmp = mount_for(deployments, c, "/tmp")
+    assert env["PEX_ROOT"].startswith("/tmp/") and "emptyDir" in tmp
+
+
+def test_executor_args_parse_with_the_real_cli(deployments: Path, tmp_path: Path) -> None:
+    """`ehost-device serve --help` as shipped lists every flag the DaemonSet passes."""
+    c = executor_container(deployments)
+    p = subprocess.run(
+        [*tool_command("ehost-device"), "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+    )
+    assert p.returncode == 0, p.stderr
+    for flag in flag_values(c["args"][1:]):
+        assert flag in p.stdout, f"ehost-device serve --help does not list {flag}"

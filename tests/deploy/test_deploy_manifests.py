@@ -69,7 +69,12 @@ def check_pod_spec(spec: Doc, where: str) -> None:
             assert 0 < p["containerPort"] < 65536
         for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
             if probe in c:
-                port = c[probe]["httpGet"]["port"]
+                handlers = set(c[probe]) & {"httpGet", "exec", "tcpSocket", "grpc"}
+                assert len(handlers) == 1, f"{cw}: {probe} needs exactly one handler"
+                if "exec" in c[probe]:
+                    assert c[probe]["exec"]["command"], f"{cw}: {probe} exec without a command"
+                    continue
+                port = c[probe][handlers.pop()]["port"]
                 assert port in ports or isinstance(port, int), f"{cw}: {probe} port {port!r}"
         res = c.get("resources", {})
         for key, req in res.get("requests", {}).items():

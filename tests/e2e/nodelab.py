@@ -180,6 +180,9 @@ class Node:
 
     def _build(self, tmp_path: Path, figures: Figures, nics: int) -> None:
         self.figures = figures
+        # How the plugin runs: in-process unless a test points it at an executor's socket
+        # (never the node default /run/virtdp/ehost-device.sock).
+        self.plugin_env: Dict[str, str] = {"EHOST_DEVICE_SOCKET": ""}
         sweep_stale()
         # Unix socket paths are limited to 107 bytes: keep the tree short, not under tmp_path.
         self.root = Path(tempfile.mkdtemp(prefix=ROOT_PREFIX, dir="/tmp"))
@@ -437,8 +440,8 @@ class Node:
         background: bool = False,
         timeout: float = 60,
     ):  # type: ignore[no-untyped-def]
-        env = _cni_env(command, container_id, netns_path, ifname, pod, cni_path, extra_env)
-        env = {**self.policy_env, **env}
+        extra = {**self.policy_env, **self.plugin_env, **(extra_env or {})}
+        env = _cni_env(command, container_id, netns_path, ifname, pod, cni_path, extra)
         cmd = ["ip", "netns", "exec", self.node.name, *tool_command("ehost-device")]
         if background:  # its own process group: the test may kill it with its children
             conf_file = self.tmp / f"conf-{tag(8)}.json"

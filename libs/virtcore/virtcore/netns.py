@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
@@ -138,7 +139,7 @@ def check_namespace(path: str) -> None:
     Never creates anything: a missing namespace is the caller's error to report.
     """
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(_target(path), os.O_RDONLY)
     except FileNotFoundError:
         raise NamespaceNotFound(f"network namespace {path} does not exist") from None
     except OSError as e:
@@ -159,11 +160,45 @@ def is_own(path: str) -> bool:
     Two references to one namespace stat to the same nsfs inode.
     """
     try:
-        st = os.stat(path)
+        st = os.stat(_target(path))
         own = os.stat("/proc/self/ns/net")
     except OSError:
         return False
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+_PINS = threading.local()
+
+
+@contextlib.contextmanager
+def pinned(path: str, fd: Optional[int], error: int = 0) -> Iterator[None]:
+    """Within the block, and in the calling thread only, the namespace `path` means the open
+    descriptor `fd` (or, with `fd` None, a path that failed to open with errno `error`).
+
+    The executor is handed the pod's namespace as a descriptor and must act on it, never on
+    the path, which may mean something else in its own mount namespace; messages and results
+    still name `path`, as in-process mode does.
+    """
+    pins = getattr(_PINS, "map", None)
+    if pins is None:
+        pins = _PINS.map = {}
+    pins[path] = (fd, error)
+    try:
+        yield
+    finally:
+        pins.pop(path, None)
+
+
+def _target(path: str) -> str:
+    """What to open for the namespace `path`: the pinned descriptor's /proc path, else `path`.
+    A pin without a descriptor raises the errno its opening failed with."""
+    pin = getattr(_PINS, "map", {}).get(path)
+    if pin is None:
+        return path
+    fd, error = pin
+    if fd is None:
+        raise OSError(error or errno.ENOENT, os.strerror(error or errno.ENOENT), path)
+    return f"/proc/{os.getpid()}/fd/{fd}"
 
 
 _LIBC: Any = None
@@ -199,7 +234,7 @@ def open_ns(path: Optional[str] = None) -> Iterator[Any]:
     else:
         check_namespace(path)
         try:
-            ipr = IPRoute(netns=path, flags=0, groups=0, libc=_libc())
+            ipr = IPRoute(netns=_target(path), flags=0, groups=0, libc=_libc())
         except FileNotFoundError:
             raise NamespaceNotFound(f"network namespace {path} does not exist") from None
     try:
@@ -234,8 +269,13 @@ def temporary_namespace() -> Iterator[str]:
     if pid == 0:  # child: unshare, report, wait for the parent to close its end
         status = 0
         try:
-            os.close(ready_r)
-            os.close(hold_w)
+            # Keep only our two ends: in a threaded caller (the executor) another thread's
+            # pipes are open here too, and holding another holder's `hold_w` would keep that
+            # child (and the waitpid of its parent) alive until we exit, and so on in a circle.
+            low, high = sorted((ready_w, hold_r))
+            os.closerange(3, low)
+            os.closerange(low + 1, high)
+            os.closerange(high + 1, 1 << 20)
             try:
                 _unshare_net()
                 os.write(ready_w, b"1")
@@ -271,9 +311,11 @@ def temporary_namespace() -> Iterator[str]:
 def open_ns_fd(path: str) -> int:
     """An O_RDONLY fd for a namespace path (the caller closes it)."""
     try:
-        return os.open(path, os.O_RDONLY)
+        return os.open(_target(path), os.O_RDONLY)
     except FileNotFoundError:
         raise NamespaceNotFound(f"network namespace {path} does not exist") from None
+    except OSError as e:
+        raise NamespaceNotFound(f"cannot open network namespace {path}: {e.strerror}") from None
 
 
 # -- reading ------------------------------------------------------------------------------------

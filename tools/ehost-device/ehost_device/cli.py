@@ -1,13 +1,15 @@
-"""The executable's entry: read the CNI call, answer VERSION at once, hand the rest to `plugin`.
+"""The executable's entry: read the CNI call, answer VERSION at once, hand the rest to the warm
+executor (`front`), or, when there is none for us, to `plugin` in this process.
 
-VERSION imports nothing beyond `json` (no pyroute2, not even `conf`): runtimes probe it often,
-and `main` returns its status. Every other command ends the process itself once its answer is
-written (`_exit_now`): `main` does not return from them.
+VERSION imports nothing beyond `lean_json` (no pyroute2, not `conf`, not even `json`):
+runtimes probe it often, and `main` returns its status. The executor path imports only os,
+sys, socket, struct and `lean_json`. Every other command ends the process itself once its
+answer is written (`_exit_now`): `main` does not return from them. `ehost-device serve|probe
+...` (arguments, no CNI_COMMAND) runs the executor itself (`serve`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -18,35 +20,60 @@ def _stdin() -> bytes:
     return sys.stdin.buffer.read()
 
 
+def version_answer(data: bytes) -> str:
+    """The VERSION answer (stdout text) to the config `data`."""
+    import ehost_device as conf
+    from ehost_device import lean_json
+
+    version = conf.LATEST
+    try:
+        asked = lean_json.loads(data.decode("utf-8")) if data.strip() else {}
+        # Echo the caller's version (spec 1.1, "VERSION Success"), but never an empty one:
+        # libcni's decoder rejects a VERSION answer whose cniVersion is "".
+        if isinstance(asked, dict) and isinstance(asked.get("cniVersion"), str):
+            version = asked["cniVersion"].strip() or version
+    except (UnicodeDecodeError, ValueError):
+        pass
+    answer = {"cniVersion": version, "supportedVersions": list(conf.SUPPORTED_VERSIONS)}
+    return lean_json.dumps(answer) + "\n"
+
+
 def main() -> int:
     import ehost_device as conf
 
     environ = os.environ
+    if len(sys.argv) > 1 and not environ.get("CNI_COMMAND"):
+        from ehost_device import serve
+
+        return serve.main(sys.argv[1:])
     data = _stdin()
     if environ.get("CNI_COMMAND") == "VERSION":
-        version = conf.LATEST
-        try:
-            asked = json.loads(data.decode("utf-8")) if data.strip() else {}
-            # Echo the caller's version (spec 1.1, "VERSION Success"), but never an empty one:
-            # libcni's decoder rejects a VERSION answer whose cniVersion is "".
-            if isinstance(asked, dict) and isinstance(asked.get("cniVersion"), str):
-                version = asked["cniVersion"].strip() or version
-        except (UnicodeDecodeError, ValueError):
-            pass
-        answer = {"cniVersion": version, "supportedVersions": list(conf.SUPPORTED_VERSIONS)}
-        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.write(version_answer(data))
         return 0
     if not environ.get("CNI_COMMAND"):
         sys.stderr.write(
             "ehost-device: CNI plugin for virtio NICs (CNI "
             + ", ".join(conf.SUPPORTED_VERSIONS)
-            + "); run by a container runtime with CNI_COMMAND set\n"
+            + "); run by a container runtime with CNI_COMMAND set"
+            + " (or: ehost-device serve --help)\n"
         )
+    from ehost_device import front
+
+    path = front.executor_socket(environ)
+    if path is not None:
+        answer = front.call(path, environ, data, timeout=front.budget(environ))
+        if answer is not None:
+            view = memoryview(answer[1])
+            while view:
+                view = view[os.write(1, view) :]
+            os._exit(answer[0])
     import gc
 
     # One short process, ended by `_exit_now`: the cyclic collector would only walk the few
     # hundred modules being imported, again and again (~5 ms), to free nothing that matters.
     gc.disable()
+    import json
+
     from ehost_device import plugin
 
     status, out = plugin.run(environ, data)

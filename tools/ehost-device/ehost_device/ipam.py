@@ -15,11 +15,16 @@ import json
 import logging
 import os
 import subprocess
+import threading
 from typing import Any, Dict, List, Mapping, Optional
 
 from ehost_device.conf import E_INCOMPATIBLE_VERSION, E_IPAM, E_IPAM_RESULT, CniError
 
 log = logging.getLogger(__name__)
+
+# In the executor each call runs in a thread of its own whose stderr is its front's (`serve`
+# sets `fd`): the IPAM plugin's stderr goes there too. In-process it is unset: ours is inherited.
+CALL_STDERR = threading.local()
 
 # A 1.1.0 request is retried at this version when the IPAM plugin refuses 1.1.0.
 FALLBACK = {"1.1.0": "1.0.0"}
@@ -74,7 +79,8 @@ class Call:
                 [self.exe],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                stderr=None,  # the delegated plugin's stderr is ours (spec, section 4)
+                # The delegated plugin's stderr is ours (spec, section 4).
+                stderr=getattr(CALL_STDERR, "fd", None),
                 env=self._env,
             )
         except OSError as e:

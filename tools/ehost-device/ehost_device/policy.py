@@ -16,12 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple
 
+from ehost_device.front import DEFAULT_SOCKET as DEFAULT_SOCKET
 from virtcore import pools
 from virtcore.schema import ConfigError, Invalid, Key, Walker
 
 ENV = "EHOST_DEVICE_POLICY"
 DEFAULT_PATH = "/etc/virtdp/ehost-device.yaml"
-DEFAULT_SOCKET = "/run/virtdp/ehost-device.sock"
+
 DEFAULT_POOL_CONFIG = "/etc/virtdp/config.yaml"
 LOG_LEVELS = ("error", "warning", "info", "debug")
 
