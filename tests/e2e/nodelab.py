@@ -568,6 +568,10 @@ class Node:
                 elif name is not None and listed != [name]:
                     self.sysfs.move_netdev_away(pci)
                     self.sysfs.add_netdev(pci, name, mac=nic.mac)
+                    # On a node the kernel's own sysfs changes with the link event; here the
+                    # fake tree changes after it. A real uevent of the netdev then tells
+                    # virtdp-serve (event-driven) to read the function again, as on a node.
+                    self.node.exec("sh", "-c", f"echo change > /sys/class/net/{name}/uevent")
 
     def leases(self) -> Dict[str, str]:
         """host-local's leases of the network: address -> container ID."""
