@@ -27,15 +27,17 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import containerd as ctd
 import cri_api_pb2 as api
+from executor import Executor, mode_env
 from fakesysfs import FakeSysfs
 from netlab import Netns, ip, tag, veth
 from toolrun import node_policy, tool_command
 
 CNI_BIN = "/usr/lib/cni"
 SUBNET = "198.51.100.0/24"
-# Modes the plugin runs in under containerd. The warm executor (issue 10) adds "executor":
-# a mode is set up in `CriLab.__init__` (`_mode_env`), and every scenario runs in each.
-MODES = ("in-process",)
+# Modes the plugin runs in under containerd: the plugin does the work itself, or hands it to a
+# warm executor (`ehost-device serve`) in the node namespace. Set up in `CriLab.__init__`
+# (`_mode_env`); every scenario runs in each.
+MODES = ("in-process", "executor")
 
 
 @dataclass
@@ -65,6 +67,7 @@ class CriLab:
         self.pods: List[Pod] = []
         self.sandboxes_run = 0
         self.ctd: Optional[ctd.Containerd] = None
+        self.executor: Optional[Executor] = None
         # containerd's sockets must fit a sun_path (108 bytes): a short dir of its own.
         ctd.sweep_stale()
         self.root = Path(tempfile.mkdtemp(prefix=ctd.ROOT_PREFIX, dir="/tmp"))
@@ -96,8 +99,13 @@ class CriLab:
         return ns
 
     def _mode_env(self) -> Dict[str, str]:
+        """The environment containerd passes its CNI plugins for this mode; never the node's
+        default socket /run/virtdp/ehost-device.sock, which is not ours."""
         if self.mode == "in-process":
-            return {}
+            return mode_env(None)
+        if self.mode == "executor":
+            self.executor = Executor(self.tmp, self.node.name)
+            return mode_env(self.executor)
         raise ValueError(f"unknown ehost-device mode {self.mode!r}; expected one of {MODES}")
 
     def _install_plugins(self) -> None:
@@ -296,6 +304,15 @@ class CriLab:
         if self.ctd is not None:
             try:
                 forced = self.ctd.close(network=self.network)
+            except Exception as e:
+                errors.append(str(e))
+        if self.executor is not None:  # after containerd: its teardown DELs go through it
+            try:
+                status = self.executor.stop()
+                if status != 0:
+                    errors.append(f"executor exited {status} on SIGTERM: {self.executor.log()}")
+                if self.sandboxes_run and not self.executor.calls():
+                    errors.append(f"the executor served no call: {self.executor.log()}")
             except Exception as e:
                 errors.append(str(e))
         for ns in reversed(self.namespaces):
