@@ -270,6 +270,7 @@ class Containerd:
             "pid": os.getpid(),
             "start": start_time(os.getpid()),
             "cgroup_tops": [str(t) for t in self._cgroup_tops],
+            "cgroup_parent": self.cgroup_parent,
             "namespaces": [],
             "network": None,
         }
@@ -285,6 +286,7 @@ class Containerd:
         c.log = root / "containerd.log"
         c.proc, c.cri = None, None
         c._cgroup_tops = [Path(t) for t in owner.get("cgroup_tops", [])]
+        c.cgroup_parent = owner.get("cgroup_parent", "")
         return c
 
     def record(self, **changes: Any) -> None:
@@ -293,6 +295,14 @@ class Containerd:
         tmp = self.root / f".{OWNER_FILE}.tmp"
         tmp.write_text(json.dumps(self.owner))
         os.replace(tmp, self.root / OWNER_FILE)
+
+    def _cgroup_leaves(self) -> List[Path]:
+        """cgroup_parent in every hierarchy: named after our root, so ours alone. Its missing
+        ancestors (`_cgroup_tops`) may be shared: in a hierarchy where the test's memory cgroup
+        path does not exist, runc makes that path for every suite running at once."""
+        if not self.cgroup_parent:
+            return []
+        return [Path(m) / self.cgroup_parent.lstrip("/") for m in _cgroup_mounts()]
 
     def _missing_cgroup_tops(self) -> List[Path]:
         tops = []
@@ -449,7 +459,7 @@ class Containerd:
 
     def cgroup_procs(self) -> List[int]:
         pids = set()
-        for top in self._cgroup_tops:
+        for top in self._cgroup_leaves():
             if not top.exists():
                 continue
             for procs in top.rglob("cgroup.procs"):
@@ -533,14 +543,14 @@ class Containerd:
 
         @step
         def cgroups() -> None:
-            for top in self._cgroup_tops:
-                if not top.exists():
+            for leaf in self._cgroup_leaves():
+                if not leaf.exists():
                     continue
                 dirs = sorted(
-                    (p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)
+                    (p for p in leaf.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)
                 )
                 # runc removes a container's cgroup, never the parent it made for the pod.
-                for d in dirs + [top]:
+                for d in dirs + [leaf]:
                     for _ in range(20):
                         try:
                             d.rmdir()
@@ -549,6 +559,18 @@ class Containerd:
                             break
                         except OSError:
                             time.sleep(0.05)
+            # Ancestors runc made for us may hold another suite's cgroups now: removed only when
+            # empty (rmdir refuses otherwise), never emptied.
+            for top in self._cgroup_tops:
+                for leaf in self._cgroup_leaves():
+                    if top in leaf.parents:
+                        d = leaf.parent
+                        while d != top.parent:
+                            try:
+                                d.rmdir()
+                            except OSError:
+                                break
+                            d = d.parent
 
         @step
         def shim_sockets() -> None:

@@ -163,8 +163,14 @@ def sandbox_config(
         labels={"io.kubernetes.pod.name": pod.name},
         linux=api.LinuxPodSandboxConfig(
             cgroup_parent=cgroup_parent,
+            # As the kubelet (kuberuntime's HasPrivilegedContainer): the sandbox is privileged
+            # when any of the pod's containers is, or containerd refuses that container.
             security_context=api.LinuxSandboxSecurityContext(
-                namespace_options=api.NamespaceOption(network=node, pid=api.CONTAINER)
+                namespace_options=api.NamespaceOption(network=node, pid=api.CONTAINER),
+                privileged=any(
+                    c.get("securityContext", {}).get("privileged", False)
+                    for c in pod.spec.get("initContainers", []) + pod.spec.get("containers", [])
+                ),
             ),
         ),
     )

@@ -178,3 +178,100 @@ def test_translation_refuses_what_it_cannot_run(repo_root: Path) -> None:
     spec["shareProcessNamespace"] = True
     with pytest.raises(podspec.Unsupported, match="shareProcessNamespace"):
         podspec.lay_out("virtdp", spec, Path("/nonexistent"), host_path=Path, config_maps={})
+
+
+def test_install_policy_puts_the_node_policy_where_the_plugin_reads_it(
+    node: DaemonSetNode,
+) -> None:
+    cid = node.create("install-policy")
+    node.start_container(cid)
+    st = node.wait_exited(cid, timeout=60)
+    assert st.exit_code == 0, node.log("install-policy")
+    installed = node.host_path("/etc/virtdp/ehost-device.yaml")
+    assert stat.S_IMODE(installed.stat().st_mode) == 0o644
+    (cm,) = (d for d in imagelab.manifest(node.repo_root, "virtdp-config.yaml"))
+    assert installed.read_text() == cm["data"]["ehost-device.yaml"]
+
+
+def test_executor_container_serves_a_cni_add_run_on_the_host(node: DaemonSetNode) -> None:
+    """The DaemonSet's ehost-device-executor container serves its socket in the host's
+    /run/virtdp; the plugin the init container installed, run on the host as a runtime runs it,
+    hands it the call; the NIC goes into the pod and comes back."""
+    from netlab import Netns, ip
+
+    for init in ("install-cni", "install-policy"):
+        cid = node.create(init)
+        node.start_container(cid)
+        assert node.wait_exited(cid, timeout=60).exit_code == 0, node.log(init)
+    bin_dir = node.host_path("/opt/cni/bin")
+    # The IPAM plugin runs in the executor's container, from the request's CNI_PATH: the
+    # host's CNI bin directory, which the container mounts at the same path.
+    host_local = bin_dir / "host-local"
+    host_local.write_bytes(Path("/usr/lib/cni/host-local").read_bytes())
+    host_local.chmod(0o755)
+
+    executor = node.create("ehost-device-executor")
+    node.start_container(executor)
+    sock = node.host_path("/run/virtdp/ehost-device.sock")
+    deadline = time.monotonic() + 120
+    while True:  # the manifest's readiness probe, run as the kubelet would
+        code, _, _ = node.exec(
+            executor,
+            "/opt/virtdp/ehost-device.pex",
+            "probe",
+            "--socket",
+            "/run/virtdp/ehost-device.sock",
+        )
+        if code == 0:
+            break
+        assert time.monotonic() < deadline, node.log("ehost-device-executor")
+        time.sleep(0.5)
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+
+    pod = Netns("vimgpod")
+    try:
+        conf = {
+            "cniVersion": "1.0.0",
+            "name": "virtdp-net",
+            "type": "ehost-device",
+            "deviceID": NIC_PCI,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": "198.51.100.0/24"}]]},
+        }
+
+        def cni(command: str) -> subprocess.CompletedProcess:
+            env = {
+                "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                "CNI_COMMAND": command,
+                "CNI_CONTAINERID": "imagetest",
+                "CNI_NETNS": pod.path,
+                "CNI_IFNAME": "net1",
+                # Paths as the executor's container sees them: the host's CNI bin directory.
+                "CNI_PATH": "/opt/cni/bin",
+                "EHOST_DEVICE_SOCKET": str(sock),
+            }
+            return node.node.exec(
+                str(bin_dir / "ehost-device"), env=env, input=json.dumps(conf), check=False
+            )
+
+        add = cni("ADD")
+        assert add.returncode == 0, add.stdout + add.stderr + node.log("ehost-device-executor")
+        assert "net1" in pod.links() and NIC_NAME not in node.node.links()
+        (addr,) = json.loads(add.stdout)["ips"]
+        assert addr["address"].startswith("198.51.100.")
+        # The executor did it, not the front itself: its metrics (the manifest's port) count it.
+        port = node.pod.container("ehost-device-executor")["ports"][0]["containerPort"]
+        code, metrics = node.http_get(f"http://127.0.0.1:{port}/metrics")
+        assert code == 200 and 'ehost_device_calls_total{command="ADD",result="ok"} 1' in metrics
+        # host-local's lease is in the host's /var/lib/cni, mounted into the container.
+        assert list(node.host_path("/var/lib/cni/networks/virtdp-net").glob("198.51.100.*"))
+        delete = cni("DEL")
+        assert delete.returncode == 0, delete.stdout + delete.stderr
+        assert NIC_NAME in node.node.links() and "net1" not in pod.links()
+        assert not list(node.host_path("/var/lib/cni/networks/virtdp-net").glob("198.51.100.*"))
+        ip("link", "show", NIC_NAME, ns=node.node.name)
+    finally:
+        pod.close()
+    node.stop_container(executor)
+    st = node.wait_exited(executor, timeout=60)
+    assert st.exit_code == 0, node.log("ehost-device-executor")
+    assert not sock.exists(), "the executor left its socket behind"
