@@ -172,7 +172,38 @@ async def package_sh_boot_pex(field_set: ShBootPexFieldSet) -> BuiltPackage:
             output_files=(output_path,),
         ),
     )
-    return BuiltPackage(result.output_digest, (BuiltPackageArtifact(output_path),))
+    (out_pex,) = await Get(DigestContents, Digest, result.output_digest)
+    fast = _direct_entry(out_pex.content, pex_info)
+    digest = await Get(Digest, CreateDigest([FileContent(output_path, fast, is_executable=True)]))
+    return BuiltPackage(digest, (BuiltPackageArtifact(output_path),))
+
+
+# The warm path of Pex's launcher: exec the venv's python on the venv directory, whose
+# __main__.py (Pex's) reads PEX_* variables, imports `site`, then runs the entry point through
+# runpy: ~5 ms of a ~17 ms VERSION call here. The launcher is rewritten to call the entry point
+# directly with `-I -S` and the venv's site-packages on sys.path (what `site` would add).
+_WARM_EXEC = b'''    exec "${INSTALLED_PEX}/bin/python" ${VENV_PYTHON_ARGS} "${INSTALLED_PEX}" \\
+        "$@"'''
+
+
+def _direct_entry(content: bytes, pex_info: dict) -> bytes:
+    """`content` with its launcher's warm exec calling the entry point directly; unchanged when
+    the PEX is not a plain venv-mode PEX with a `module:function` entry point. The zip part is
+    untouched: zip readers (zipimport, zipfile) find it from its end, whatever comes before."""
+    entry = pex_info.get("entry_point") or ""
+    plain = not pex_info.get("inject_args") and not pex_info.get("inject_env")
+    if not pex_info.get("venv") or ":" not in entry or not plain or _WARM_EXEC not in content:
+        return content
+    module, func = entry.split(":", 1)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+        f"from {module} import {func} as main; sys.exit(main())"
+    )
+    warm = (
+        '    for _sp in "${INSTALLED_PEX}"/lib/python3*/site-packages; do :; done\n'
+        f'    exec "${{INSTALLED_PEX}}/bin/python" -I -S -c \'{code}\' "${{_sp}}" "$@"'
+    ).encode()
+    return content.replace(_WARM_EXEC, warm, 1)
 
 
 def target_types():
