@@ -1,7 +1,7 @@
 """Benchmark: pod sandboxes through containerd's CRI with ehost-device against Debian's Go
 host-device as the pod network: RunPodSandbox and StopPodSandbox+RemovePodSandbox wall time.
 
-Run by hand, as root:  python3 bench/cri.py [-n 15] [--source]
+Run by hand, as root:  python3 bench/cri.py [-n 15] [--source] [--mode in-process|executor]
 
 The containerd suite's node (tests/runtime/crilab.py): a private containerd in a namespace of
 its own, a busybox sandbox image, one veth NIC on a fake virtio PCI tree. Both plugins get the
@@ -36,6 +36,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=15, help="timed runs per plugin (default 15)")
     ap.add_argument("--source", action="store_true", help="ehost-device from source, not a PEX")
+    ap.add_argument(
+        "--mode",
+        choices=("in-process", "executor"),
+        default="in-process",
+        help="ehost-device does the work itself, or through a warm executor (default in-process)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/cri.py: needs root", file=sys.stderr)
@@ -59,7 +65,7 @@ def main() -> int:
         return 2
     times: Dict[str, Dict[str, List[float]]] = {p: {"run": [], "stop+remove": []} for p in PLUGINS}
     with tempfile.TemporaryDirectory(prefix="bench-cri-") as tmp:
-        lab = crilab.CriLab(Path(tmp))
+        lab = crilab.CriLab(Path(tmp), mode=args.mode)
         try:
             nic, _ = lab.nic_pair("0000:00:0a.0", "ens10", "0000:00:0b.0", "ens11")
             lab.start()
@@ -91,7 +97,7 @@ def main() -> int:
         finally:
             lab.close()
 
-    print(f"runs: {args.n}")
+    print(f"runs: {args.n}   ehost-device mode: {args.mode}")
     print(f"{'':<16}{'ehost-device':>13}{'host-device':>13}{'ratio':>8}   (median ms)")
     for label, key in (("RunPodSandbox", "run"), ("Stop+Remove", "stop+remove")):
         ours = statistics.median(times["ehost-device"][key])
