@@ -52,10 +52,7 @@ def _resolve_int(text: str) -> int:
     if body.startswith("0"):
         return sign * int(body, 8)
     if ":" in body:
-        value = 0
-        for part in body.split(":"):
-            value = value * 60 + int(part)
-        return sign * value
+        return sign * int(_base60(body, int))
     return sign * int(body)
 
 
@@ -68,11 +65,16 @@ def _resolve_float(text: str) -> float:
     if body == ".nan":
         return float("nan")
     if ":" in body:
-        value = 0.0
-        for part in body.split(":"):
-            value = value * 60 + float(part)
-        return sign * value
+        return sign * float(_base60(body, float))
     return sign * float(body)
+
+
+def _base60(body: str, cast: Any) -> Any:
+    """YAML 1.1's sexagesimal numbers: 1:30 is 90, 1:30.5 is 90.5."""
+    value = cast(0)
+    for part in body.split(":"):
+        value = value * 60 + cast(part)
+    return value
 
 
 def resolve_plain(text: str) -> Any:
