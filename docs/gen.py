@@ -197,20 +197,11 @@ _SERIES_SUFFIXES = {
 
 
 def render_metrics_reference() -> str:
-    from prometheus_client.metrics import MetricWrapperBase
-
+    from ehost_device import metrics as executor_metrics
     from virtdp_serve import metrics
 
-    # Label names and buckets live on the module-level metric objects; names, types and help
-    # come from what the registry actually exposes.
-    objects: Dict[str, tuple] = {}
-    for attr, value in sorted(vars(metrics).items()):
-        if isinstance(value, MetricWrapperBase):
-            for family in value.describe():
-                objects[family.name] = (attr, value)
-    families = sorted(metrics.REGISTRY.collect(), key=lambda f: f.name)
     out = [
-        HEADER.format(source="virtdp_serve.metrics.REGISTRY"),
+        HEADER.format(source="virtdp_serve.metrics.REGISTRY and ehost_device.metrics.REGISTRY"),
         "",
         "# Metrics reference",
         "",
@@ -219,6 +210,29 @@ def render_metrics_reference() -> str:
         "with the kubelet). Counters and histograms also expose a `<name>_created` series (the",
         "time the series started; prometheus-client's default).",
         "",
+        *_metric_tables(metrics, "virtdp_serve.metrics"),
+        "## The warm executor (`ehost-device serve`)",
+        "",
+        "Served on `ehost-device serve --metrics-address` (DaemonSet: port 9411, container",
+        "`ehost-device-executor`) at `/metrics`.",
+        "",
+        *_metric_tables(executor_metrics, "ehost_device.metrics"),
+    ]
+    return "\n".join(out)
+
+
+def _metric_tables(module: Any, dotted: str) -> List[str]:
+    from prometheus_client.metrics import MetricWrapperBase
+
+    # Label names and buckets live on the module-level metric objects; names, types and help
+    # come from what the registry actually exposes.
+    objects: Dict[str, tuple] = {}
+    for attr, value in sorted(vars(module).items()):
+        if isinstance(value, MetricWrapperBase):
+            for family in value.describe():
+                objects[family.name] = (attr, value)
+    families = sorted(module.REGISTRY.collect(), key=lambda f: f.name)
+    out = [
         "| Metric | Type | Labels | Description |",
         "| --- | --- | --- | --- |",
     ]
@@ -230,15 +244,14 @@ def render_metrics_reference() -> str:
         shown = ", ".join(f"`{s}`" for s in series)
         label_cell = ", ".join(f"`{x}`" for x in labels) or "none"
         out.append(f"| {shown} | {f.type} | {label_cell} | {_cell(f.documentation)} |")
-        line = f"- `{f.name}`: defined as `virtdp_serve.metrics.{attr}`" if attr else ""
+        line = f"- `{f.name}`: defined as `{dotted}.{attr}`" if attr else ""
         bounds = getattr(obj, "_upper_bounds", None) if f.type == "histogram" else None
         if bounds:
             edges = ", ".join("+Inf" if b == float("inf") else f"{b:g}" for b in bounds)
             line += f"; buckets (`le`): {edges}"
         if line:
             details.append(line)
-    out += ["", "## Details", "", *details, ""]
-    return "\n".join(out)
+    return [*out, "", "### Details", "", *details, ""]
 
 
 def _sample_labels(family: Any) -> List[str]:

@@ -261,7 +261,7 @@ def test_executor_container_serves_a_cni_add_run_on_the_host(node: DaemonSetNode
         # The executor did it, not the front itself: its metrics (the manifest's port) count it.
         port = node.pod.container("ehost-device-executor")["ports"][0]["containerPort"]
         code, metrics = node.http_get(f"http://127.0.0.1:{port}/metrics")
-        assert code == 200 and 'ehost_device_calls_total{command="ADD",result="ok"} 1' in metrics
+        assert code == 200 and 'ehost_device_calls_total{command="ADD",result="ok"} 1.0' in metrics
         # host-local's lease is in the host's /var/lib/cni, mounted into the container.
         assert list(node.host_path("/var/lib/cni/networks/virtdp-net").glob("198.51.100.*"))
         delete = cni("DEL")

@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from ehost_device import front
+from ehost_device import front, metrics
 
 log = logging.getLogger("ehost-device-serve")
 
@@ -73,95 +73,6 @@ class Refused(Exception):
     def __init__(self, reason: str, why: str) -> None:
         super().__init__(why)
         self.reason = reason  # metrics label
-
-
-# -- metrics ------------------------------------------------------------------------------------
-
-_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-class Metrics:
-    """Counters for the Prometheus text format: calls by command and result, a latency
-    histogram by command, calls in flight, frames refused by reason."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.calls: Dict[Tuple[str, str], int] = {}
-        self.hist: Dict[str, List[float]] = {}  # per command: bucket counts..., sum, count
-        self.in_flight = 0
-        self.refused: Dict[str, int] = {}
-
-    def call_done(self, command: str, result: str, seconds: float) -> None:
-        with self.lock:
-            self.calls[(command, result)] = self.calls.get((command, result), 0) + 1
-            h = self.hist.setdefault(command, [0.0] * (len(_BUCKETS) + 2))
-            for i, b in enumerate(_BUCKETS):
-                if seconds <= b:
-                    h[i] += 1
-            h[-2] += seconds
-            h[-1] += 1
-
-    def refuse(self, reason: str) -> None:
-        with self.lock:
-            self.refused[reason] = self.refused.get(reason, 0) + 1
-
-    def render(self) -> str:
-        with self.lock:
-            out = [
-                "# HELP ehost_device_calls_total CNI calls served, by command and result.",
-                "# TYPE ehost_device_calls_total counter",
-            ]
-            for (cmd, result), n in sorted(self.calls.items()):
-                out.append(f'ehost_device_calls_total{{command="{cmd}",result="{result}"}} {n}')
-            out += [
-                "# HELP ehost_device_call_seconds Time to serve one CNI call.",
-                "# TYPE ehost_device_call_seconds histogram",
-            ]
-            for cmd, h in sorted(self.hist.items()):
-                for i, b in enumerate(_BUCKETS):
-                    out.append(
-                        f'ehost_device_call_seconds_bucket{{command="{cmd}",le="{b}"}} {int(h[i])}'
-                    )
-                out.append(
-                    f'ehost_device_call_seconds_bucket{{command="{cmd}",le="+Inf"}} {int(h[-1])}'
-                )
-                out.append(f'ehost_device_call_seconds_sum{{command="{cmd}"}} {h[-2]:.6f}')
-                out.append(f'ehost_device_call_seconds_count{{command="{cmd}"}} {int(h[-1])}')
-            out += [
-                "# HELP ehost_device_calls_in_flight CNI calls being served now.",
-                "# TYPE ehost_device_calls_in_flight gauge",
-                f"ehost_device_calls_in_flight {self.in_flight}",
-                "# HELP ehost_device_frames_refused_total Requests refused, by reason.",
-                "# TYPE ehost_device_frames_refused_total counter",
-            ]
-            for reason, n in sorted(self.refused.items()):
-                out.append(f'ehost_device_frames_refused_total{{reason="{reason}"}} {n}')
-            return "\n".join(out) + "\n"
-
-
-def _serve_metrics(metrics: Metrics, address: str) -> None:
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    host, _, port = address.rpartition(":")
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            if self.path.split("?")[0] != "/metrics":
-                self.send_error(404)
-                return
-            body = metrics.render().encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer((host.strip("[]") or "0.0.0.0", int(port)), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
 
 
 # -- the socket ---------------------------------------------------------------------------------
@@ -290,9 +201,8 @@ def _drain(conn: socket.socket) -> None:
 
 
 class Executor:
-    def __init__(self, path: str, metrics: Metrics) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.metrics = metrics
         self.slots = threading.BoundedSemaphore(MAX_PARALLEL)
         self.threads: set = set()
         self.lock = threading.Lock()
@@ -320,7 +230,7 @@ class Executor:
                         "the front runs in another network namespace than the executor",
                     )
             except Refused as r:
-                self.metrics.refuse(r.reason)
+                metrics.REFUSED.labels(reason=r.reason).inc()
                 # A bare connect and close is a readiness check, not worth a warning.
                 level = logging.INFO if r.reason == "empty" else logging.WARNING
                 log.log(level, "refused a request from pid %s: %s", pid, r)
@@ -330,14 +240,14 @@ class Executor:
                     _drain(conn)
                 return
             except (OSError, struct.error) as e:
-                self.metrics.refuse("io")
+                metrics.REFUSED.labels(reason="io").inc()
                 log.warning("dropped a request from pid %s: %s", pid, e)
                 return
             if _peer_gone(conn):
                 # Its front gave up (the executor was stopped or slow past the budget) and
                 # answered 11; the runtime's DEL may already have run: doing the call now
                 # could strand the NIC.
-                self.metrics.refuse("abandoned")
+                metrics.REFUSED.labels(reason="abandoned").inc()
                 log.warning("pid %s gave up before its call ran; dropped it", pid)
                 return
             pod_fd = fds[1] if flags & front.F_POD_NETNS else None
@@ -379,8 +289,7 @@ class Executor:
         )
         _CALL.stream = stream
         ipam.CALL_STDERR.fd = err_fd if err_fd is not None else -3  # subprocess.DEVNULL
-        with self.lock:
-            self.metrics.in_flight += 1
+        metrics.IN_FLIGHT.inc()
         t0 = time.monotonic()
         status, result = 1, "error"
         try:
@@ -390,9 +299,8 @@ class Executor:
             return status, (json.dumps(out) + "\n").encode() if out is not None else b""
         finally:
             elapsed = time.monotonic() - t0
-            with self.lock:
-                self.metrics.in_flight -= 1
-            self.metrics.call_done(command or "?", result, elapsed)
+            metrics.IN_FLIGHT.dec()
+            metrics.call_done(command or "?", result, elapsed)
             log.info(
                 "call %s %s: %s in %.1f ms",
                 command or "-",
@@ -497,13 +405,12 @@ def serve(args: argparse.Namespace) -> int:
     # `kill -USR1` prints every thread's stack to the executor's stderr: what a stuck call waits on.
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     _warm_up()
-    metrics = Metrics()
     if args.metrics_address:
-        _serve_metrics(metrics, args.metrics_address)
+        metrics.serve(args.metrics_address)
     listener = _prepare_socket(args.socket)
     ino = os.stat(args.socket).st_ino
     sys.stderr = _RoutedStderr(sys.stderr)
-    executor = Executor(args.socket, metrics)
+    executor = Executor(args.socket)
     global _PID
     _PID = os.getpid()
     signal.signal(signal.SIGTERM, _stop)
