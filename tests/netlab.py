@@ -10,7 +10,7 @@ import contextlib
 import os
 import secrets
 import subprocess
-from typing import Iterator, List, Sequence
+from typing import Iterator, List, Sequence, Tuple
 
 NETNS_DIR = "/var/run/netns"
 
@@ -90,3 +90,27 @@ def namespaces(*prefixes: str) -> Iterator[Sequence[Netns]]:
     finally:
         for ns in reversed(made):
             ns.close()
+
+
+# A GET from inside a namespace with the stdlib alone (no proxies): "<status>\n<body>", status 0
+# when nothing answered.
+_HTTP_GET = r"""
+import sys, urllib.request, urllib.error
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+try:
+    r = opener.open(sys.argv[1], timeout=3)
+    print(r.status); print(r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code); print(e.read().decode())
+except OSError as e:
+    print(0); print(e)
+"""
+
+
+def http_get(ns: Netns, url: str) -> Tuple[int, str]:
+    """(HTTP status, body) of a GET of `url` from inside `ns`; (0, why) when nothing answered."""
+    import sys
+
+    p = ns.exec(sys.executable, "-c", _HTTP_GET, url, check=False)
+    code, _, body = p.stdout.partition("\n")
+    return int(code or 0), body

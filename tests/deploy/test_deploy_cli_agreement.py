@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -21,7 +20,7 @@ import grpc
 import pytest
 import typer
 import yaml
-from netlab import Netns, veth
+from netlab import Netns, http_get, veth
 from toolrun import node_policy, tool_command
 
 from virtcore import checkpoint, devinfo
@@ -212,25 +211,6 @@ def kubelet() -> Iterator[Tuple[Path, FakeKubelet]]:
     finally:
         server.stop(grace=None)
         shutil.rmtree(root, ignore_errors=True)
-
-
-HTTP_GET = r"""
-import sys, urllib.request, urllib.error
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-try:
-    r = opener.open(sys.argv[1], timeout=3)
-    print(r.status); print(r.read().decode())
-except urllib.error.HTTPError as e:
-    print(e.code); print(e.read().decode())
-except OSError as e:
-    print(0); print(e)
-"""
-
-
-def http_get(ns: Netns, url: str) -> Tuple[int, str]:
-    p = ns.exec(sys.executable, "-c", HTTP_GET, url)
-    code, _, body = p.stdout.partition("\n")
-    return int(code), body
 
 
 def wait_for(ns: Netns, url: str, status: int, proc: subprocess.Popen, timeout: float) -> str:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -27,7 +26,7 @@ import cri_api_pb2 as api
 import podspec
 import yaml
 from fakesysfs import FakeSysfs
-from netlab import Netns, tag, veth
+from netlab import Netns, http_get, tag, veth
 from testkubelet import TestKubelet
 
 BASE_CACHE = Path(os.environ.get("VIRTDP_IMAGE_CACHE", "/var/cache/virtdp-test"))
@@ -285,19 +284,4 @@ class DaemonSetNode:
 
     def http_get(self, url: str) -> Tuple[int, str]:
         """GET from the node's network namespace (where the kubelet's probes come from)."""
-        p = self.node.exec(sys.executable, "-c", HTTP_GET, url, check=False)
-        code, _, body = p.stdout.partition("\n")
-        return int(code or 0), body
-
-
-HTTP_GET = r"""
-import sys, urllib.request, urllib.error
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-try:
-    r = opener.open(sys.argv[1], timeout=3)
-    print(r.status); print(r.read().decode())
-except urllib.error.HTTPError as e:
-    print(e.code); print(e.read().decode())
-except OSError as e:
-    print(0); print(e)
-"""
+        return http_get(self.node, url)

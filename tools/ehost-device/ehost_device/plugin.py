@@ -58,8 +58,9 @@ def _resolve_pci(c: Conf, host: Any) -> str:
     return addr
 
 
-def _host_nic(c: Conf, host: Any, pci_address: str) -> netns.Link:
-    """The NIC's link in the host namespace; errors say why it cannot be had."""
+def _host_nic(c: Conf, host: Any, pci_address: str) -> Tuple[sysfs.VirtioNic, netns.Link]:
+    """The NIC's PCI function and its link in the host namespace; errors say why it cannot be
+    had."""
     try:
         fn = sysfs.read_function(c.sysfs_root, pci_address)
     except sysfs.DeviceNotFound:
@@ -84,7 +85,7 @@ def _host_nic(c: Conf, host: Any, pci_address: str) -> netns.Link:
     for name in fn.netdevs:
         link = netns.link_by_name(host, name)
         if link is not None:
-            return link
+            return fn, link
     raise CniError(
         cni.E_NIC_BUSY,
         f"NIC {pci_address} is not in the host network namespace",
@@ -92,7 +93,9 @@ def _host_nic(c: Conf, host: Any, pci_address: str) -> netns.Link:
     )
 
 
-def _check_allowed(c: Conf, host: Any, pci_address: str, nic: netns.Link) -> None:
+def _check_allowed(
+    c: Conf, host: Any, pci_address: str, fn: sysfs.VirtioNic, nic: netns.Link
+) -> None:
     """The node policy's guard, on the host side before anything changes: never a NIC the node
     itself uses (a default route in any table, or addresses its routes use), and, when the
     policy names pools, only a NIC in one of them. The config's deviceID may have been written
@@ -103,7 +106,6 @@ def _check_allowed(c: Conf, host: Any, pci_address: str, nic: netns.Link) -> Non
         snap = netlink.read(host)
     except netlink.NetlinkReadError as e:
         raise CniError(cni.E_NETLINK, "cannot read the host's links and routes", str(e)) from None
-    fn = sysfs.read_function(c.sysfs_root, pci_address)
     reason = discovery.exclusion(
         fn, snap.default_routes.get(nic.index, ()), snap.addresses_in_use.get(nic.index, ())
     )
@@ -164,8 +166,8 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
         host = hold.enter_context(netns.open_ns(None))
         pci_address = _resolve_pci(c, host)
         hold.enter_context(locks.device_lock(c.sysfs_root, pci_address, c.lock_timeout))
-        nic = _host_nic(c, host, pci_address)
-        _check_allowed(c, host, pci_address, nic)
+        fn, nic = _host_nic(c, host, pci_address)
+        _check_allowed(c, host, pci_address, fn, nic)
         try:
             pod = hold.enter_context(netns.open_ns(env.netns))
         except netns.NamespaceNotFound as e:
