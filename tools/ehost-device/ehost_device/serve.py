@@ -1,5 +1,5 @@
 """The warm executor: `ehost-device serve` answers CNI calls over a unix socket with the plugin
-code and pyroute2 already loaded; `ehost-device probe` asks it whether it answers.
+code already loaded; `ehost-device probe` asks it whether it answers.
 
 It runs each call through the very same `plugin.run` as in-process mode, in a thread of its own.
 What makes a thread's call look like a process of its own:
@@ -8,8 +8,9 @@ What makes a thread's call look like a process of its own:
 - the environment is the front's (the IPAM plugin runs from its CNI_PATH with it);
 - stderr is the front's: log lines written in the call's thread, and the IPAM plugin's stderr,
   go to the descriptor the front passed (`_RoutedStderr`, `ipam.CALL_STDERR`).
-No thread ever switches its network namespace; pyroute2 opens namespace sockets in a forked
-helper (see virtcore.netns).
+No thread that serves a call ever switches its network namespace, and nothing but the IPAM
+plugin is forked: a pod namespace's netlink socket is made by a short-lived thread of its own
+(virtcore.netlink.socket_in).
 
 Trust: the socket is root's, mode 0600, in a directory only root can write; a peer that is not
 uid 0 (SO_PEERCRED) is refused, as is a front in another network namespace (the host namespace
@@ -360,9 +361,6 @@ class _Stop(Exception):
     pass
 
 
-_PID = 0  # the executor's own pid, once serving
-
-
 class _StopState:
     requested = ""  # the signal's name once one came
     interruptible = False  # the main thread is waiting for a call
@@ -372,24 +370,23 @@ _STOP = _StopState()
 
 
 def _stop(signum: int, frame: Any) -> None:
-    if os.getpid() != _PID:
-        # A forked helper (pyroute2's namespace socket opener, a temporary namespace holder)
-        # inherits this handler; pyroute2 ends its helper with SIGTERM. Raising here would
-        # unwind the helper through a copy of the call (and its sockets): die as SIG_DFL would.
-        os._exit(128 + signum)
+    # Only this process runs it: the executor forks nothing but IPAM plugins, which exec at
+    # once (subprocess forks and execs in C, where no Python handler runs).
     _STOP.requested = signal.Signals(signum).name
     if _STOP.interruptible:
         raise _Stop(_STOP.requested)
 
 
 def _warm_up() -> None:
-    """Import what every call needs now, before any thread runs: pyroute2's lean import swaps
-    a module in sys.modules for a moment, which only one thread at a time may do."""
+    """Import what every call needs, and read the links once, before the first call: the first
+    call then costs what every other does."""
     from ehost_device import plugin  # noqa: F401
-    from virtcore import netns
+    from virtcore import netlink, netns
 
-    with netns.open_ns(None) as ipr:
-        netns.links(ipr)
+    with netns.open_ns(None) as sock:
+        netns.links(sock)
+    if not hasattr(os, "setns"):
+        netlink.libc()  # ctypes, for setns before Python 3.12
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -411,8 +408,6 @@ def serve(args: argparse.Namespace) -> int:
     ino = os.stat(args.socket).st_ino
     sys.stderr = _RoutedStderr(sys.stderr)
     executor = Executor(args.socket)
-    global _PID
-    _PID = os.getpid()
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     log.warning("serving CNI calls on %s", args.socket)
