@@ -433,8 +433,8 @@ def test_serve_refuses_a_directory_others_may_write(tmp_path: Path):
 
 
 def test_front_path_imports_no_plugin_machinery(erig: Rig):
-    """A call through the executor loads no pyroute2, logging, dataclasses, typing or
-    subprocess in the front: only what moving bytes needs."""
+    """A call through the executor loads no logging, dataclasses, typing or subprocess in the
+    front, nor the socket module (enum, selectors): only what moving bytes needs."""
     rig = erig
     rig.nic(PCI, "ens5")
     pod = rig.pod()
@@ -443,8 +443,8 @@ def test_front_path_imports_no_plugin_machinery(erig: Rig):
         "real_exit = os._exit\n"
         "def report(status):\n"
         "    heavy = sorted(m for m in sys.modules if m.split('.')[0] in\n"
-        "        ('pyroute2', 'logging', 'dataclasses', 'typing', 'subprocess', 'asyncio',\n"
-        "         'ehost_device.plugin', 'ehost_device.conf', 'virtcore'))\n"
+        "        ('logging', 'dataclasses', 'typing', 'subprocess', 'asyncio', 'socket', 'enum',\n"
+        "         'selectors', 'ehost_device.plugin', 'ehost_device.conf', 'virtcore'))\n"
         "    sys.stderr.write('HEAVY=' + ','.join(heavy) + '\\n'); sys.stderr.flush()\n"
         "    real_exit(status)\n"
         "os._exit = report\n"

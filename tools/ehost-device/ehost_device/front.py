@@ -1,13 +1,14 @@
 """The front: hand one CNI call to the warm executor (`serve`) and relay its answer.
 
-This is what a runtime execs, so it imports only os, sys, socket, struct and `lean_json` (the
-built-in JSON accelerator; `import json` alone costs a third of the front's run): no
-pyroute2, no logging, no dataclasses. It moves bytes and decides nothing about the call
-itself. It sends the whole environment, stdin as is, and three descriptors (SCM_RIGHTS): its
-own network namespace (the executor serves only fronts in its own namespace), the pod's
-(CNI_NETNS, opened here, so the executor never resolves that path in its own mount namespace),
-and the write end of a pipe it relays to its stderr (the executor's log lines and the IPAM
-plugin's stderr for this call).
+This is what a runtime execs, so it imports only os, sys, `_socket` and `_struct` (the C modules
+behind socket and struct: `import socket` brings enum, selectors and collections, as much again
+as the bare interpreter's start) and `lean_json` (the built-in JSON accelerator; `import json`
+alone costs a third of the front's run): no logging, no dataclasses. It moves bytes and decides
+nothing about the call itself. It sends the whole environment, stdin as is, and three
+descriptors (SCM_RIGHTS): its own network namespace (the executor serves only fronts in its own
+namespace), the pod's (CNI_NETNS, opened here, so the executor never resolves that path in its
+own mount namespace), and the write end of a pipe it relays to its stderr (the executor's log
+lines and the IPAM plugin's stderr for this call).
 
 `call` answers None when the call should run in-process instead: executor turned off, no socket,
 a socket that is not root's and private, connection refused, another protocol version, a call
@@ -25,11 +26,12 @@ The wire (both directions): a fixed header, then the payload.
 
 from __future__ import annotations
 
+import _socket
+import _struct
 import os
-import socket
-import struct
 import sys
 
+from ehost_device import DEFAULT_SOCKET as DEFAULT_SOCKET
 from ehost_device import lean_json
 
 TYPE_CHECKING = False
@@ -38,8 +40,8 @@ if TYPE_CHECKING:  # typing costs ~7 ms to import; the front's annotations need 
 
 MAGIC = b"EHDX"
 VERSION = 1
-REQUEST = struct.Struct("!4sHHHII")  # magic, version, flags, netns errno, env len, stdin len
-RESPONSE = struct.Struct("!4sHHiI")  # magic, version, kind, status, payload len
+REQUEST = _struct.Struct("!4sHHHII")  # magic, version, flags, netns errno, env len, stdin len
+RESPONSE = _struct.Struct("!4sHHiI")  # magic, version, kind, status, payload len
 F_POD_NETNS = 0x1  # a pod netns descriptor follows the front's own netns descriptor
 F_STDERR = 0x2  # the write end of the front's stderr relay comes last
 KNOWN_FLAGS = F_POD_NETNS | F_STDERR
@@ -49,7 +51,6 @@ MAX_STDIN = 8 << 20  # bytes of network configuration
 MAX_OUT = 8 << 20  # bytes of result
 MAX_FDS = 3
 
-DEFAULT_SOCKET = "/run/virtdp/ehost-device.sock"
 DEFAULT_BUDGET = 120.0  # seconds an executor may take to answer one call
 
 
@@ -167,10 +168,10 @@ def _open_netns(path: str) -> Tuple[int, int]:
         return -1, e.errno or 0
 
 
-def _relay(sock: socket.socket, relay_r: int, timeout: float) -> Tuple[int, int, bytes]:
+def _relay(sock: _socket.socket, relay_r: int, timeout: float) -> Tuple[int, int, bytes]:
     """(kind, status, payload) of the executor's answer, relaying the call's stderr meanwhile.
     Raises TimeoutError past `timeout`, EOFError on a cut or malformed answer."""
-    import select  # already loaded by socket (selectors)
+    import select  # built in (no file to load)
 
     deadline = _now() + timeout
     buf = b""
@@ -250,7 +251,7 @@ def call(
     if len(env_b) > MAX_ENV or len(data) > MAX_STDIN:
         return None
     try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     except OSError:
         return None
     fds: List[int] = []
@@ -281,7 +282,8 @@ def call(
         sock.settimeout(timeout)
         try:
             sock.sendmsg(
-                [head], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+                [head],
+                [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _struct.pack(f"{len(fds)}i", *fds))],
             )
             for fd in fds:  # the executor has its copies
                 os.close(fd)
@@ -308,7 +310,7 @@ def call(
                     )
                 ),
             )
-        except (EOFError, OSError, struct.error) as e:
+        except (EOFError, OSError) as e:
             return 1, cni_error(
                 data,
                 11,

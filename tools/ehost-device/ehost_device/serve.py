@@ -277,12 +277,12 @@ class Executor:
         pod_errno: int,
         err_fd: Optional[int],
     ) -> Tuple[int, bytes]:
-        from ehost_device import cli, ipam, plugin
+        from ehost_device import ipam, plugin, version_answer
         from virtcore import netns
 
         command = env.get("CNI_COMMAND", "")
         if command == "VERSION":  # `probe`; fronts answer VERSION themselves
-            return 0, cli.version_answer(data).encode()
+            return 0, version_answer(data).encode()
         stream = (
             open(err_fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
             if err_fd is not None
