@@ -434,20 +434,22 @@ def test_serve_refuses_a_directory_others_may_write(tmp_path: Path):
 
 def test_front_path_imports_no_plugin_machinery(erig: Rig):
     """A call through the executor loads no logging, dataclasses, typing or subprocess in the
-    front, nor the socket module (enum, selectors): only what moving bytes needs."""
+    front, nor the socket module (enum, selectors) nor __future__: only what moving bytes
+    needs."""
     rig = erig
     rig.nic(PCI, "ens5")
     pod = rig.pod()
     code = (
-        "import os, sys\n"
-        "real_exit = os._exit\n"
+        "import os, posix, sys\n"
+        "real_exit = posix._exit\n"
         "def report(status):\n"
         "    heavy = sorted(m for m in sys.modules if m.split('.')[0] in\n"
         "        ('logging', 'dataclasses', 'typing', 'subprocess', 'asyncio', 'socket', 'enum',\n"
-        "         'selectors', 'ehost_device.plugin', 'ehost_device.conf', 'virtcore'))\n"
+        "         'selectors', '__future__', 'ehost_device.plugin', 'ehost_device.conf',\n"
+        "         'virtcore'))\n"
         "    sys.stderr.write('HEAVY=' + ','.join(heavy) + '\\n'); sys.stderr.flush()\n"
         "    real_exit(status)\n"
-        "os._exit = report\n"
+        "os._exit = posix._exit = report\n"
         "from ehost_device.cli import main\n"
         "main()\n"
     )

@@ -2,16 +2,28 @@
 executor (`front`), or, when there is none for us, to `plugin` in this process.
 
 VERSION imports nothing beyond `lean_json` (not `conf`, not even `json`): runtimes probe it
-often, and `main` returns its status. The executor path imports only os, sys, the C modules
-behind socket and struct, and `lean_json`. Every other command ends the process itself once its
-answer is written (`_exit_now`): `main` does not return from them. `ehost-device serve|probe
-...` (arguments, no CNI_COMMAND) runs the executor itself (`serve`).
+often, and `main` returns its status. The executor path imports only built-in modules and
+`lean_json` (see `front`): not even os, whose import costs a sixth of the interpreter's start.
+Every other command ends the process itself once its answer is written (`_exit_now`): `main`
+does not return from them. `ehost-device serve|probe ...` (arguments, no CNI_COMMAND) runs the
+executor itself (`serve`).
 """
 
-from __future__ import annotations
-
-import os
+import posix
 import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict
+
+
+def _environ() -> "Dict[str, str]":
+    """os.environ's contents, decoded as os decodes them, without importing os."""
+    enc = sys.getfilesystemencoding()
+    return {
+        k.decode(enc, "surrogateescape"): v.decode(enc, "surrogateescape")
+        for k, v in posix.environ.items()
+    }
 
 
 def _stdin() -> bytes:
@@ -23,7 +35,7 @@ def _stdin() -> bytes:
 def main() -> int:
     import ehost_device
 
-    environ = os.environ
+    environ = _environ()
     if len(sys.argv) > 1 and not environ.get("CNI_COMMAND"):
         from ehost_device import serve
 
@@ -45,10 +57,8 @@ def main() -> int:
     if path is not None:
         answer = front.call(path, environ, data, timeout=front.budget(environ))
         if answer is not None:
-            view = memoryview(answer[1])
-            while view:
-                view = view[os.write(1, view) :]
-            os._exit(answer[0])
+            front.write_all(1, answer[1])
+            posix._exit(answer[0])
     import gc
 
     # One short process, ended by `_exit_now`: the cyclic collector would only walk the few
@@ -80,4 +90,4 @@ def _exit_now(status: int) -> None:
     finally:
         logging.shutdown()
         sys.stderr.flush()
-        os._exit(status)
+        posix._exit(status)
