@@ -189,7 +189,7 @@ def call(env: Dict[str, str], data: bytes, pod_fd: int) -> Tuple[int, Any, Dict[
     return box["status"], box["out"], {k: v * 1000 for k, v in box["spent"].items()}
 
 
-def executor_side(args: argparse.Namespace) -> Dict[str, float]:
+def executor_side(args: argparse.Namespace) -> Dict[str, Any]:
     instrument()
     conf = {
         "cniVersion": "1.0.0",
@@ -265,7 +265,7 @@ def executor_side(args: argparse.Namespace) -> Dict[str, float]:
         f"floors: IPAM plugin alone (static ADD, exec to exit) {floor['ipam']:.1f} ms; "
         f"kernel move request ADD {floor['move']:.1f} ms, DEL {floor['move_del']:.1f} ms"
     )
-    return {c: statistics.median(r["total"] for r in rs) for c, rs in rounds.items()}
+    return conf
 
 
 def _median_run(argv: List[str], env: Dict[str, str], data: bytes, n: int) -> float:
@@ -293,7 +293,9 @@ def _pex_venv(pex: str) -> Tuple[str, str]:
     return os.path.join(venv, "bin", "python"), sites[0]
 
 
-def front_side(args: argparse.Namespace, served: Dict[str, float]) -> None:
+def front_side(args: argparse.Namespace, conf: Dict[str, Any]) -> None:
+    """The front's parts, each a whole process, interleaved with real calls through the
+    executor (the NIC of the executor side, container ID `front`)."""
     ours = json.loads(args.ours)
     if ours[0].endswith(".pex"):
         python, path = _pex_venv(ours[0])
@@ -301,50 +303,79 @@ def front_side(args: argparse.Namespace, served: Dict[str, float]) -> None:
         python, path = sys.executable, os.environ["PYTHONPATH"]
     prefix = "import sys; sys.path[:0] = sys.argv.pop(1).split(':'); "
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "EHOST_DEVICE_POLICY": args.policy}
+    if not ours[0].endswith(".pex"):
+        env["PYTHONPATH"] = path
     version = {**env, "CNI_COMMAND": "VERSION"}
     data = b'{"cniVersion": "1.0.0"}'
 
     def py(code: str) -> List[str]:
         return [python, "-I", "-S", "-c", prefix + code, path]
 
-    entry = py("from ehost_device.cli import main; sys.exit(main())")
     socket = "f.executor_socket(os.environ)"
-    rows = {
+    parts = {
         "launcher": (ours, version),
-        "entry": (entry, version),
+        "entry": (py("from ehost_device.cli import main; sys.exit(main())"), version),
         "bare": ([python, "-I", "-S", "-c", "pass"], {}),
         "imports": (py("import ehost_device.cli, ehost_device.front"), env),
         "policy": (py("import os, ehost_device.cli as c, ehost_device.front as f; " + socket), env),
     }
-    times: Dict[str, List[float]] = {k: [] for k in rows}
+    call_env = {
+        **env,
+        "CNI_CONTAINERID": "front",
+        "CNI_NETNS": args.pod,
+        "CNI_IFNAME": "net1",
+        "CNI_PATH": "/usr/lib/cni",
+        "EHOST_DEVICE_SOCKET": args.socket,
+    }
+    times: Dict[str, List[float]] = defaultdict(list)
     for i in range(args.n + 1):
-        for key, (argv, e) in rows.items():
+        for key, (argv, e) in parts.items():
             t0 = time.perf_counter()
             subprocess.run(argv, input=data, env=e, capture_output=True, check=True)
             if i:
                 times[key].append((time.perf_counter() - t0) * 1000)
+        stdin = json.dumps(conf).encode()
+        for command in ("ADD", "CHECK", "DEL"):
+            t0 = time.perf_counter()
+            p = subprocess.run(
+                ours, input=stdin, env=dict(call_env, CNI_COMMAND=command), capture_output=True
+            )
+            if p.returncode:
+                raise SystemExit(f"front {command} failed: {p.stdout!r} {p.stderr[-500:]!r}")
+            if i:
+                times[command].append((time.perf_counter() - t0) * 1000)
+            if command == "ADD":
+                stdin = json.dumps(dict(conf, prevResult=json.loads(p.stdout))).encode()
+    with open(args.serve_log) as f:
+        log = f.read()
+    inside: Dict[str, List[float]] = defaultdict(list)
+    for m in re.finditer(r" call (ADD|CHECK|DEL) front: ok in ([\d.]+) ms", log):
+        inside[m.group(1)].append(float(m.group(2)))
     med = {k: statistics.median(v) for k, v in times.items()}
-    walls = json.loads(args.walls)
+    served = {c: statistics.median(inside[c][1:] or [0.0]) for c in ("ADD", "CHECK", "DEL")}
     launcher = max(0.0, med["launcher"] - med["entry"])
-    print("front side (ms, medians of whole processes)")
-    print(f"{'part':34} {'ADD':>7} {'CHECK':>7} {'DEL':>7}")
     fixed = {
         "launcher (/bin/sh boot, exec)": launcher,
         "interpreter start (-I -S)": med["bare"],
         "imports (cli, front, lean_json)": med["imports"] - med["bare"],
-        "policy read (executorSocket)": med["policy"] - med["imports"],
     }
+    print("front side (ms, medians of whole processes, interleaved with the calls below)")
+    print(f"{'part':34} {'ADD':>7} {'CHECK':>7} {'DEL':>7}")
     for part, ms in fixed.items():
         print(f"{part:34} " + " ".join(f"{ms:7.2f}" for _ in range(3)))
-    inside = {c: served.get(c, 0.0) for c in ("ADD", "CHECK", "DEL")}
-    print(f"{'executor (its log)':34} " + " ".join(f"{inside[c]:7.2f}" for c in inside))
-    wire = {c: walls[c] - sum(fixed.values()) - inside[c] for c in inside}
+    print(f"{'executor (its log)':34} " + " ".join(f"{served[c]:7.2f}" for c in served))
+    wire = {c: med[c] - sum(fixed.values()) - served[c] for c in served}
     print(f"{'wire: connect, send, answer, exit':34} " + " ".join(f"{wire[c]:7.2f}" for c in wire))
-    print(f"{'wall (executor mode)':34} " + " ".join(f"{walls[c]:7.2f}" for c in walls))
-    before_wire = launcher + med["policy"] - med["bare"]
+    print(f"{'wall (executor mode)':34} " + " ".join(f"{med[c]:7.2f}" for c in served))
+    policy = med["policy"] - med["imports"]
     print(
-        f"floor: interpreter start {med['bare']:.1f} ms; before the wire the front adds "
-        f"{before_wire:.1f} ms to it"
+        f"on a node, without EHOST_DEVICE_SOCKET: + {policy:.2f} ms policy read "
+        "(executorSocket); VERSION through the front "
+        f"{med['launcher']:.1f} ms"
+    )
+    print(
+        f"floor: interpreter start {med['bare']:.1f} ms; the front adds "
+        f"{launcher + med['imports'] - med['bare']:.1f} ms to it before the wire"
     )
 
 
@@ -355,11 +386,11 @@ def main() -> None:
     ap.add_argument("--pod", required=True)
     ap.add_argument("--policy", required=True)
     ap.add_argument("--ours", required=True, help="the plugin's argv (JSON)")
-    ap.add_argument("--walls", required=True, help="executor-mode wall medians (JSON)")
-    ap.add_argument("--served", required=True, help="the executor's own medians (JSON)")
+    ap.add_argument("--socket", required=True, help="the executor's socket")
+    ap.add_argument("--serve-log", required=True, help="the executor's log (-v)")
     args = ap.parse_args()
-    executor_side(args)
-    front_side(args, json.loads(args.served))
+    conf = executor_side(args)
+    front_side(args, conf)
 
 
 if __name__ == "__main__":

@@ -204,11 +204,10 @@ def _timing(args, ours, ours_env, sock, serve, serve_log, policy) -> None:  # ty
         served[m.group(1)].append(float(m.group(2)))
     print("executor mode, where the time goes (medians)")
     print(f"{'command':8} {'wall ms':>9} {'in executor ms':>15} {'front+wire ms':>14}")
-    inside = {}
     for c in ("ADD", "CHECK", "DEL"):
-        inside[c] = statistics.median(served[c][1:] or [0.0])
+        inside = statistics.median(served[c][1:] or [0.0])
         wall = med["executor"][c]
-        print(f"{c:8} {wall:9.1f} {inside[c]:15.1f} {wall - inside[c]:14.1f}")
+        print(f"{c:8} {wall:9.1f} {inside:15.1f} {wall - inside:14.1f}")
 
     # The front alone: VERSION through it, against the bare interpreter start.
     version_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": "VERSION", **ours_env}
@@ -233,8 +232,7 @@ def _timing(args, ours, ours_env, sock, serve, serve_log, policy) -> None:  # ty
     subprocess.run(
         [sys.executable, "-m", "bench.ehost_breakdown", "-n", str(args.n)]
         + ["--pci", "0000:00:08.0", "--pod", args.pod_d, "--policy", policy]
-        + ["--ours", json.dumps(ours), "--walls", json.dumps(med["executor"])]
-        + ["--served", json.dumps(inside)],
+        + ["--ours", json.dumps(ours), "--socket", sock, "--serve-log", serve_log.name],
         env={**os.environ, "PYTHONPATH": os.environ["BENCH_PYTHONPATH"]},
         cwd=ROOT,
         check=True,

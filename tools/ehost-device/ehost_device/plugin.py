@@ -673,8 +673,6 @@ def _setup_logging(c: Conf) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(c.log_level.upper())
-    for noisy in ("pyroute2", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     if fallback:
         log.warning("%s", fallback)
 
