@@ -176,10 +176,12 @@ def open_ns(path: Optional[str] = None) -> Iterator[netlink.Socket]:
         fd = _open(path)
         try:
             sock = netlink.socket_in(fd=fd)
-        except OSError as e:  # EINVAL: an nsfs file of another kind of namespace
-            raise NamespaceNotFound(
-                f"cannot enter network namespace {path}: {e.strerror or e}"
-            ) from None
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # an nsfs file of another kind of namespace
+                raise NamespaceNotFound(
+                    f"cannot enter network namespace {path}: it is not a network namespace"
+                ) from None
+            raise _fail(f"cannot enter network namespace {path}", e) from None
         finally:
             os.close(fd)
     try:
