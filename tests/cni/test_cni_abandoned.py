@@ -12,7 +12,8 @@ a DEL of the same attachment runs after it, never alongside.
   cleared, no lease, nothing in the pod, and the executor still serving.
 - A DEL that arrives while the abandoned ADD is still running (its IPAM plugin paused).
 - The runtime gave up (front timeout) on an ADD still running: it is undone.
-- The executor SIGKILLed mid-ADD and restarted before the runtime's DEL.
+- The executor SIGKILLed at 24 points of an ADD (and mid-IPAM) and restarted before the
+  runtime's DEL.
 - 50 concurrent ADD/DEL pairs over 8 NICs with random front kills: 0 lost, 0 leaked.
 """
 
@@ -252,3 +253,49 @@ def test_fifty_pairs_over_eight_nics_with_random_front_kills(rig: Rig, figures: 
     for p in pods:
         assert not rig.has_link("net1", p)
     assert outcomes.count("killed") >= 10, outcomes
+
+
+def _orphans_gone(container_id: str) -> None:
+    """Wait until no process of this attachment runs (an IPAM plugin orphaned by a killed
+    executor runs to its end: a real runtime's DEL could come before or after it)."""
+    needle = f"CNI_CONTAINERID={container_id}\0".encode()
+
+    def alive() -> bool:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if needle in f.read():
+                        return True
+            except OSError:
+                continue
+        return False
+
+    _wait_for(lambda: not alive(), 30, f"processes of {container_id} to end")
+
+
+def test_executor_sigkill_storm_then_restart_and_the_runtimes_del(erig_timeout: Rig, figures: Any):
+    """The executor SIGKILLed at 24 points of an ADD, restarted, then the runtime's DEL."""
+    rig = erig_timeout
+    assert rig.executor is not None
+    rig.nic(PCI, "ens5")
+    before = rig.state("ens5")
+    pod = rig.pod()
+    conf = rig.conf("1.0.0", deviceID=PCI)
+    length = _length(rig, conf, pod, "ADD")
+    for i, point in enumerate(_points(length)):
+        cid = f"k{i}"
+        proc = rig.cni("ADD", conf, pod=pod, container_id=cid, background=True)
+        time.sleep(point)
+        rig.executor.kill(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        _orphans_gone(cid)
+        rig.executor.start()
+        _runtime_del(rig, conf, pod, container_id=cid)
+        _settled(rig, pod, before)
+        figures.add(faults_survived=1)
+    rig.forwarded = 0  # the last executor served only DELs; the rig checks it served something
+    out = rig.cni("ADD", conf, pod=pod).ok()
+    rig.cni("DEL", dict(conf, prevResult=out), pod=pod).ok()
+    _settled(rig, pod, before)
