@@ -62,6 +62,7 @@ class Clock:
         self.spent: Dict[str, float] = defaultdict(float)
         self.stack: List[str] = []
         self.mark = 0.0
+        self.round_trips = 0
 
     def push(self, step: str) -> None:
         now = time.perf_counter()
@@ -161,6 +162,13 @@ def instrument() -> None:
             CLOCK.pop()
 
     netlink.Socket.set_link = timed_set_link  # type: ignore[method-assign]
+    request = netlink.Socket.request
+
+    def counted_request(self: Any, kind: int, flags: int, body: bytes) -> Any:
+        CLOCK.round_trips += 1
+        return request(self, kind, flags, body)
+
+    netlink.Socket.request = counted_request  # type: ignore[method-assign]
 
 
 def call(env: Dict[str, str], data: bytes, pod_fd: int) -> Tuple[int, Any, Dict[str, float]]:
@@ -169,6 +177,7 @@ def call(env: Dict[str, str], data: bytes, pod_fd: int) -> Tuple[int, Any, Dict[
 
     def run() -> None:
         CLOCK.spent.clear()
+        CLOCK.round_trips = 0
         t0 = time.perf_counter()
         CLOCK.push("other")
         try:
@@ -182,11 +191,14 @@ def call(env: Dict[str, str], data: bytes, pod_fd: int) -> Tuple[int, Any, Dict[
             CLOCK.pop()
         box["status"], box["out"] = status, out
         box["spent"] = dict(CLOCK.spent, total=time.perf_counter() - t0)
+        box["round_trips"] = CLOCK.round_trips
 
     t = threading.Thread(target=run)
     t.start()
     t.join()
-    return box["status"], box["out"], {k: v * 1000 for k, v in box["spent"].items()}
+    spent = {k: v * 1000 for k, v in box["spent"].items()}
+    spent["netlink round trips"] = box["round_trips"]
+    return box["status"], box["out"], spent
 
 
 def executor_side(args: argparse.Namespace) -> Dict[str, Any]:
@@ -264,6 +276,8 @@ def executor_side(args: argparse.Namespace) -> Dict[str, Any]:
         )
     for step in STEPS + ("total",):
         print(f"{step:22} " + " ".join(f"{means[c][step]:7.2f}" for c in ("ADD", "CHECK", "DEL")))
+    trips = {c: statistics.median(r["netlink round trips"] for r in rs) for c, rs in rounds.items()}
+    print(f"{'netlink round trips':22} " + " ".join(f"{trips[c]:7.0f}" for c in trips))
     floor = {
         "ipam": statistics.median(ipam_alone),
         "move": statistics.median(r.get("move: kernel request", 0.0) for r in rounds["ADD"]),

@@ -262,10 +262,13 @@ class Socket:
 
     # -- routes -----------------------------------------------------------------------------------
 
-    def routes(self, family: int) -> List[Dict[str, Any]]:
-        """Every route of `family`, from every table (see `decode_route` for the keys)."""
-        body = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
-        return [decode_route(p) for t, p in self.dump(RTM_GETROUTE, body) if t == RTM_NEWROUTE]
+    def routes(self) -> List[Dict[str, Any]]:
+        """Every IPv4 and IPv6 route, from every table (see `decode_route` for the keys). One
+        dump: asked for AF_UNSPEC, the kernel dumps each family in turn; other families (the
+        multicast routing tables) are left out, and with IPv6 off there is simply none."""
+        body = _RTMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0, 0, 0, 0, 0)
+        routes = (decode_route(p) for t, p in self.dump(RTM_GETROUTE, body) if t == RTM_NEWROUTE)
+        return [r for r in routes if r["family"] in _FAMILIES]
 
     def route(
         self,
@@ -564,17 +567,6 @@ def addresses_in_use(
     return out
 
 
-def _all_routes(sock: Socket) -> List[Dict[str, Any]]:
-    # AF_UNSPEC dumps only IPv4 routes; ask per family. A dump covers every table.
-    routes = sock.routes(socket.AF_INET)
-    try:
-        routes += sock.routes(socket.AF_INET6)
-    except NetlinkError as e:
-        if e.errno != errno.EAFNOSUPPORT:  # IPv6 disabled: no IPv6 route
-            raise
-    return routes
-
-
 def _read_error(e: OSError) -> NetlinkReadError:
     return NetlinkReadError(f"netlink dump failed: {os.strerror(e.errno or errno.EIO)}")
 
@@ -584,7 +576,7 @@ def read(sock: Socket) -> Snapshot:
     Raises NetlinkReadError."""
     try:
         links = tuple(sock.links())
-        routes = _all_routes(sock)
+        routes = sock.routes()
         addrs = sock.addresses()
     except OSError as e:
         raise _read_error(e) from None
@@ -613,7 +605,7 @@ def snapshot(*, netns: Optional[str] = None, names: Optional[Sequence[str]] = No
             else:
                 found = (sock.link(name=name) for name in names)
                 links = tuple(link for link in found if link is not None)
-            routes = _all_routes(sock)
+            routes = sock.routes()
     except OSError as e:
         raise _read_error(e) from None
     return Snapshot(links=links, default_routes=default_routes(routes))

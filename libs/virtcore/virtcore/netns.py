@@ -279,30 +279,27 @@ def addresses(sock: netlink.Socket, index: int) -> List[str]:
 def routes(sock: netlink.Socket, index: Optional[int] = None) -> List[Route]:
     """Routes through the link (None: through any link), from every table but `local`."""
     out = []
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            found = sock.routes(family)
-        except OSError as e:
-            if family == socket.AF_INET6 and _errno_of(e) == errno.EAFNOSUPPORT:
-                continue  # IPv6 disabled
-            raise _fail("reading routes", e) from None
-        for m in found:
-            if m["table"] == netlink.RT_TABLE_LOCAL:  # kernel-made, for our own addresses
-                continue
-            if index is not None and m.get("oif") != index:
-                continue
-            dst = m.get("dst") or ("0.0.0.0" if family == socket.AF_INET else "::")
-            out.append(
-                Route(
-                    dst=f"{dst}/{m['dst_len']}",
-                    gw=m.get("gateway"),
-                    priority=m.get("priority"),
-                    table=m["table"],
-                    scope=m["scope"],
-                    mtu=m.get("mtu"),
-                    advmss=m.get("advmss"),
-                )
+    try:
+        found = sock.routes()
+    except OSError as e:
+        raise _fail("reading routes", e) from None
+    for m in found:
+        if m["table"] == netlink.RT_TABLE_LOCAL:  # kernel-made, for our own addresses
+            continue
+        if index is not None and m.get("oif") != index:
+            continue
+        dst = m.get("dst") or ("0.0.0.0" if m["family"] == socket.AF_INET else "::")
+        out.append(
+            Route(
+                dst=f"{dst}/{m['dst_len']}",
+                gw=m.get("gateway"),
+                priority=m.get("priority"),
+                table=m["table"],
+                scope=m["scope"],
+                mtu=m.get("mtu"),
+                advmss=m.get("advmss"),
             )
+        )
     return out
 
 
