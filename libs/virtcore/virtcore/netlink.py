@@ -157,17 +157,19 @@ class Socket:
         out: List[Tuple[int, bytes]] = []
         interrupted = False
         while True:
-            data = self._sock.recv(_RECV)
+            data, _anc, mflags, _addr = self._sock.recvmsg(_RECV)
+            if mflags & socket.MSG_TRUNC:
+                raise NetlinkError(errno.EMSGSIZE, f"netlink answer larger than {_RECV} bytes")
             offset = 0
             while offset + _NLMSG.size <= len(data):
-                length, mtype, mflags, mseq, _pid = _NLMSG.unpack_from(data, offset)
+                length, mtype, nflags, mseq, _pid = _NLMSG.unpack_from(data, offset)
                 if length < _NLMSG.size:
                     raise NetlinkError(errno.EIO, "malformed netlink message")
                 payload = data[offset + _NLMSG.size : offset + length]
                 offset += (length + 3) & ~3
                 if mseq != seq:
                     continue  # the rest of an earlier request's answer
-                interrupted = interrupted or bool(mflags & NLM_F_DUMP_INTR)
+                interrupted = interrupted or bool(nflags & NLM_F_DUMP_INTR)
                 if mtype == NLMSG_DONE:
                     if interrupted:
                         raise InterruptedError(errno.EINTR, "dump interrupted")
