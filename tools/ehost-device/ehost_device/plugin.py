@@ -406,13 +406,14 @@ def _del_nic(env: Env, c: Conf) -> List[CniError]:
 def _in_pod(
     hold: contextlib.ExitStack, env: Env, c: Conf
 ) -> Optional[Tuple[Any, str, netns.Link, alias.Mark]]:
-    """The marked NIC at CNI_IFNAME in CNI_NETNS, its lock held; None if there is none."""
+    """The marked NIC at CNI_IFNAME in CNI_NETNS (or renamed back by a DEL cut short), its lock
+    held; None if there is none."""
     try:
         pod = hold.enter_context(netns.open_ns(env.netns))
     except netns.NamespaceNotFound:
         log.info("DEL %s: %s is gone; looking on the host", env.container_id, env.netns)
         return None
-    link = netns.link_by_name(pod, env.ifname)
+    link = netns.link_by_name(pod, env.ifname) or _renamed_in_pod(env, c, pod)
     mark = alias.decode(link.alias) if link else None
     if link is None:
         return None
@@ -436,12 +437,32 @@ def _in_pod(
     with contextlib.ExitStack() as lock:
         lock.enter_context(locks.device_lock(c.sysfs_root, mark.pci_address, c.lock_timeout))
         # Looked up again under the lock: a DEL of the same attachment may have just finished.
-        link = netns.link_by_name(pod, env.ifname)
+        link = netns.link_by_name(pod, link.name)
         if link is None or alias.decode(link.alias) != mark:
             log.info("DEL %s: %s left %s meanwhile", env.container_id, env.ifname, env.netns)
             return None
         hold.enter_context(lock.pop_all())
     return (pod, env.netns, link, mark)
+
+
+def _renamed_in_pod(env: Env, c: Conf, pod: Any) -> Optional[netns.Link]:
+    """The NIC a DEL that was cut short (its process or the executor killed) left in the pod:
+    renamed back to its host name, maybe reset, not moved home yet. Only when the config names
+    the NIC, so that the mark says it is this attachment's."""
+    if not (c.pci_address or c.device or c.hwaddr):
+        return None
+    for link in netns.links(pod):
+        mark = alias.decode(link.alias)
+        if mark is not None and link.name == mark.host_ifname and _matches(c, mark, link):
+            log.info(
+                "DEL %s: %s is in %s as %s (a DEL cut short); giving it back",
+                env.container_id,
+                mark.pci_address,
+                env.netns,
+                link.name,
+            )
+            return link
+    return None
 
 
 def _give_back(
@@ -457,14 +478,15 @@ def _give_back(
 
     The host must see the NIC arrive as it was, never under the pod's name (udev and
     NetworkManager act on arrivals and renames). So it is renamed and reset before it moves:
-    in the pod itself, one move, when the pod has no link of the host name; else (the NIC is
-    on the host already, back from a namespace that died, or the pod has a link of that name)
-    in a temporary namespace of its own, two moves.
+    in the pod itself, one move, when the pod has no other link of the host name; else (the
+    NIC is on the host already, back from a namespace that died, or the pod has a link of that
+    name) in a temporary namespace of its own, two moves.
     """
     with contextlib.ExitStack() as undo:
         if link.up:
             netns.set_up(src, link, False, undo=undo)
-        if src_path != HOST_NS and netns.link_by_name(src, mark.host_ifname) is None:
+        named = netns.link_by_name(src, mark.host_ifname)
+        if src_path != HOST_NS and (named is None or named.index == link.index):
             work, work_path, moved = src, src_path, link
         else:
             work_path = hold.enter_context(netns.temporary_namespace())
