@@ -210,9 +210,11 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
 
         caller.checkpoint("the NIC moved")
         with contextlib.ExitStack() as undo:
+            # The mark first: should this process (or the executor) die right after the next
+            # step, the NIC is down, and only the mark tells a DEL that it was up.
+            netns.set_alias(host, nic, mark.encode(), undo=undo)
             if nic.up:  # links are renamed, and MACs changed, while down
                 netns.set_up(host, nic, False, undo=undo)
-            netns.set_alias(host, nic, mark.encode(), undo=undo)
             # Moved and renamed in one request, so the rename happens as the NIC arrives in
             # the pod: no udev or NetworkManager on the host races it, and the host name
             # cannot clash with a pod link of the same name. One move, not two through a
@@ -504,9 +506,10 @@ def _give_back(
                 f"the host already has a link named {mark.host_ifname}; the NIC stays put",
             )
         moved = netns.move(work, moved, host, HOST_NS, work_path, undo=undo)
-        netns.set_alias(host, moved, None, undo=undo)
         if not mark.was_down:
             netns.set_up(host, moved, True, undo=undo)
+        # The mark last: a DEL cut short before this still finds the NIC by it.
+        netns.set_alias(host, moved, None, undo=undo)
         undo.pop_all()
 
 
