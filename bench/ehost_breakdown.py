@@ -305,7 +305,7 @@ def _pex_venv(pex: str) -> Tuple[str, str]:
     with open(pex, "rb") as f:
         head = f.read(4096).decode("utf-8", "replace")
     m = re.search(r'INSTALLED_PEX="\$\{PEX_ROOT\}(/venvs/[^"]+)"', head)
-    d = re.search(r'DEFAULT_PEX_ROOT="\$\(echo ([^)]+)\)"', head)
+    d = re.search(r'DEFAULT_PEX_ROOT="(?:\$\(echo )?([^)"]+)\)?"', head)
     if not m or not d:
         raise SystemExit(f"{pex}: no sh_boot launcher found")
     venv = os.environ.get("PEX_ROOT", d.group(1)) + m.group(1)
