@@ -47,8 +47,7 @@ def lab(fake_sysfs: FakeSysfs, netns):
     with namespaces("vdc") as (peer,):
         veth(netns, "eth1", peer, "p1", mac="52:54:00:00:00:01")
         veth(netns, "eth2", peer, "p2", mac="52:54:00:00:00:02")
-        ip("addr", "add", "198.51.100.2/24", "dev", "eth1", ns=netns.name)
-        ip("route", "add", "default", "via", "198.51.100.1", ns=netns.name)
+        ip("route", "add", "default", "dev", "eth1", ns=netns.name)
         fake_sysfs.add_virtio_nic("0000:00:0a.0", "eth1")
         fake_sysfs.add_virtio_nic("0000:00:0b.0", "eth2", legacy=True)
         fake_sysfs.add_virtio_nic("0000:00:0c.0", "eth3")

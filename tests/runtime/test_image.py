@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import e2e_figures
 import imagelab
 import pytest
 from imagelab import NIC_NAME, NIC_PCI, BuiltImage, DaemonSetNode
+from virtdp_figures import Figures
 
 RESOURCE = "kernel.org/virt"
 
@@ -37,9 +37,7 @@ def image(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture
-def node(
-    repo_root: Path, image: BuiltImage, figures: e2e_figures.Figures
-) -> Iterator[DaemonSetNode]:
+def node(repo_root: Path, image: BuiltImage, figures: Figures) -> Iterator[DaemonSetNode]:
     n = DaemonSetNode(repo_root, image)
     try:
         n.start()

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 DEFAULT_RESOURCE = "kernel.org/virt"
 DEFAULT_SOURCE = "<embedded default>"
-# The seed's behaviour: one pool of every eligible virtio_net NIC (default-route NICs are never
-# eligible, see discovery).
+# The seed's behaviour: one pool of every eligible virtio_net NIC (the node's own NICs are never
+# eligible, see discovery.exclusion).
 DEFAULT_CONFIG_YAML = f"""\
 pools:
   - resourceName: {DEFAULT_RESOURCE}

@@ -89,8 +89,9 @@ SCHEMA: Tuple[Key, ...] = (
         False,
         [],
         "Only NICs in these pools of `poolConfig` may be taken. Absent: every NIC virtdp's "
-        "discovery calls eligible (a virtio_net NIC without a default route). The node's own "
-        "NICs (default route, addresses the node routes with) are refused either way.",
+        "discovery calls eligible: a virtio_net NIC the node does not use itself (no default "
+        "route, no address the node routes with), the rule virtdp-serve advertises by. The "
+        "node's own NICs are refused either way.",
         ["kernel.org/virt"],
         pools.check_resource_name,
     ),
