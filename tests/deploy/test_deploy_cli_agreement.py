@@ -72,13 +72,17 @@ def mount_for(deployments: Path, container: Doc, path: str) -> Tuple[Doc, Doc]:
     return found[0], volumes[found[0]["name"]]
 
 
-def test_daemonset_args_parse_with_the_real_cli(deployments: Path) -> None:
+def test_daemonset_args_parse_with_the_real_cli(deployments: Path, fake_sysfs) -> None:
     from virtdp_serve import metrics
 
     c = serve_container(deployments)
     cmd = serve_command()
     # make_context parses and converts every value (choices, paths, counts) without running.
-    ctx = cmd.make_context("virtdp-serve", list(c["args"]))
+    # --sysfs-root must name a sysfs tree: the node's /host/sys is not here (the mount test
+    # below checks that path), a fake tree stands in for it.
+    args = list(c["args"])
+    args[args.index("--sysfs-root") + 1] = str(fake_sysfs.root)
+    ctx = cmd.make_context("virtdp-serve", args)
     assert ctx.params["log_format"].value == "json"
     host, port = metrics.parse_address(ctx.params["metrics_address"])
     assert host in ("0.0.0.0", "::"), "the kubelet probes the node's address: listen on all"

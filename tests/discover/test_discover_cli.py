@@ -159,21 +159,30 @@ def test_missing_config_file_exits_2(tmp_path):
     assert "absent.yaml" in res.stderr
 
 
-def test_usage_errors_exit_2(tmp_path):
-    for args in (["-o", "xml"], ["--sysfs-root", str(tmp_path / "none")], ["--bogus"]):
+def test_usage_errors_exit_2(tmp_path, fake_sysfs: FakeSysfs):
+    missing = f"/var/run/netns/vdcmissing-{os.getpid()}"
+    for args in (
+        ["-o", "xml"],
+        ["--sysfs-root", str(tmp_path / "none")],
+        ["--sysfs-root", str(tmp_path)],  # exists, but is no sysfs tree
+        ["--sysfs-root", str(fake_sysfs), "--netns", missing],  # never created
+        ["--bogus"],
+        ["--verbose", "true"],  # a flag takes no value
+    ):
         res = discover(*args)
         assert (res.returncode, res.stdout) == (2, ""), args
-        assert res.stderr
+        assert len(res.stderr.splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "no bus/pci/devices" in discover("--sysfs-root", str(tmp_path)).stderr
+    assert not os.path.exists(missing)
 
 
 def test_failures_exit_1(tmp_path, fake_sysfs: FakeSysfs):
-    res = discover("--sysfs-root", str(tmp_path))  # exists, but is no sysfs tree
+    # A namespace file that is no namespace: the netlink read fails.
+    bogus = tmp_path / "not-a-netns"
+    bogus.write_text("")
+    res = discover("--sysfs-root", str(fake_sysfs), "--netns", str(bogus))
     assert (res.returncode, res.stdout) == (1, "")
-    assert "no bus/pci/devices" in res.stderr
-    missing = f"/var/run/netns/vdcmissing-{os.getpid()}"
-    res = discover("--sysfs-root", str(fake_sysfs), "--netns", missing)
-    assert (res.returncode, res.stdout) == (1, "")
-    assert missing in res.stderr and not os.path.exists(missing)
+    assert str(bogus) in res.stderr
 
 
 def test_version_and_help():

@@ -181,10 +181,18 @@ def snapshot(*, netns: Optional[str] = None, names: Optional[Sequence[str]] = No
         except OSError as e:
             code = e.errno or errno.EIO
             raise NetlinkReadError(f"netlink dump failed: {os.strerror(code)}") from None
+    try:
+        # A network namespace file lives on nsfs, as /proc/self/ns/net does. Checked first:
+        # pyroute2 fails on anything else only after starting an event loop it then leaks.
+        nsfs = os.stat(netns).st_dev == os.stat("/proc/self/ns/net").st_dev
+    except FileNotFoundError:
+        raise NetlinkReadError(f"network namespace {netns} does not exist") from None
+    except OSError as e:
+        raise NetlinkReadError(f"cannot read network namespace {netns}: {e.strerror}") from None
+    if not nsfs:
+        raise NetlinkReadError(f"{netns} is not a network namespace (not an nsfs file)")
     from pyroute2.iproute.linux import IPRoute  # ~140 ms: only when netlink is really read
 
-    if not os.path.exists(netns):
-        raise NetlinkReadError(f"network namespace {netns} does not exist")
     try:
         # flags=0: pyroute2 would otherwise create a missing namespace.
         ipr = IPRoute(netns=netns, flags=0)

@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+import ehost_device
 from ehost_device import front, metrics
 
 log = logging.getLogger("ehost-device-serve")
@@ -447,6 +448,12 @@ def main(argv: List[str]) -> int:
         description="ehost-device, the CNI plugin for virtio NICs. Run by a container runtime "
         "(CNI_COMMAND set) it plumbs one NIC; `serve` runs the warm executor that answers "
         "those calls on a node, `probe` checks that it answers.",
+    )
+    ap.add_argument(
+        "--version",
+        action="version",
+        version=f"ehost-device {ehost_device.__version__}",
+        help="print the version and exit",
     )
     sub = ap.add_subparsers(dest="mode", required=True)
     s = sub.add_parser("serve", help="answer CNI calls on a unix socket (the warm executor)")

@@ -47,45 +47,20 @@ def _table(rows: Sequence[Any], columns: Sequence[render.Column], title: str) ->
     render.render(rows, columns, "table", title=title)
 
 
-# -- option validation ---------------------------------------------------------------------------
+# -- options ------------------------------------------------------------------------------------
 def _timeout(value: float) -> float:
     if not value > 0:
         raise typer.BadParameter(f"{value:g} is not a positive number of seconds, expected e.g. 3")
     return value
 
 
-def _sysfs(value: Path) -> Path:
-    if not (value / "bus" / "pci" / "devices").is_dir():
-        raise typer.BadParameter(
-            f"{value} is not a sysfs tree (no bus/pci/devices), expected /sys or a captured tree"
-        )
-    return value
-
-
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table, json or yaml.")]
+OutputOpt = command.OutputOpt
+SysfsOpt = command.SysfsRootOpt
+NetnsOpt = command.NetnsOpt
 TimeoutOpt = Annotated[
     float,
     typer.Option(
         "--timeout", metavar="SECONDS", callback=_timeout, help="Deadline of every connect and RPC."
-    ),
-]
-SysfsOpt = Annotated[
-    Path,
-    typer.Option(
-        "--sysfs-root",
-        metavar="DIR",
-        callback=_sysfs,
-        help="sysfs tree discovery reads (a captured or fake one).",
-    ),
-]
-NetnsOpt = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--netns",
-        metavar="PATH",
-        exists=True,
-        dir_okay=False,
-        help="The host network namespace, when not the one this runs in (e.g. /var/run/netns/x).",
     ),
 ]
 NetnsDirOpt = Annotated[
@@ -107,9 +82,7 @@ ResourceOpt = Annotated[
     typer.Option("--resource", metavar="NAME", help="Only this resource (repeatable)."),
 ]
 
-app = typer.Typer(
-    add_completion=False,
-    pretty_exceptions_enable=False,
+app = command.app(
     no_args_is_help=True,
     help="Debug virtdp on a node: allocations, plugin devices, the kubelet checkpoint, and where "
     "every plumbed NIC is.",
