@@ -200,7 +200,7 @@ def test_readme_first_screen_is_the_newcomer_path(repo_root: Path) -> None:
     pants = (repo_root / "pants").read_text()
     packages = [
         name
-        for call in re.findall(r"apt_install ([^\n]*(?:\\\n[^\n]*)*)", pants)
+        for call in re.findall(r"apt_install ((?:[^\n]*\\\n)*[^\n]*)", pants)
         for name in call.replace("\\", " ").split()
     ]
     assert "containerd" in packages, "./pants no longer apt-installs what the tests need?"
@@ -210,7 +210,7 @@ def test_readme_first_screen_is_the_newcomer_path(repo_root: Path) -> None:
     from virtdp_summary import FIELDS, line
 
     [shown] = [x for x in blocks[1].splitlines() if x.startswith("virtdp e2e:")]
-    numbers = re.findall(r"\d+", shown)
+    numbers = re.findall(r"\d+", shown.split(":", 1)[1])
     assert len(numbers) == len(FIELDS) and shown == line(**dict(zip(FIELDS, map(int, numbers))))
 
 
