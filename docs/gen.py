@@ -130,7 +130,7 @@ def render_policy_reference() -> str:
         "installs every key of the `virtdp-config` ConfigMap into the node's `/etc/virtdp`",
         "(`ehost-device.yaml`, the policy; `config.yaml`, the pool config) after checking them as",
         "the plugin reads them, and again after every edit of the ConfigMap, within about a",
-        "minute (docs/operator-guide.md, \"The node policy\").",
+        'minute (docs/operator-guide.md, "The node policy").',
         "",
         f"- No file at `{policy.DEFAULT_PATH}` (and `{policy.ENV}` unset): every default below.",
         f"- A file `{policy.ENV}` names must exist. An empty file means every default.",

@@ -32,9 +32,7 @@ def project(target: Path, data: Dict[str, str], *, mode: int = 0o644) -> bool:
     if old is not None:
         old_dir = target / old
         old_keys = {p.name for p in old_dir.iterdir()}
-        if old_keys == set(data) and all(
-            (old_dir / k).read_text() == v for k, v in data.items()
-        ):
+        if old_keys == set(data) and all((old_dir / k).read_text() == v for k, v in data.items()):
             return False
     else:
         old_keys = set()

@@ -31,16 +31,16 @@ Doc = Dict[str, object]
 
 def manifest_args(deployments: Path, name: str = "install-policy") -> List[str]:
     """The installer's arguments in the DaemonSet, after `ehost-device.pex install-policy`."""
-    (ds,) = [d for d in yaml.safe_load_all((deployments / "virtdp-daemonset.yaml").read_text())]
+    (ds,) = (d for d in yaml.safe_load_all((deployments / "virtdp-daemonset.yaml").read_text()))
     spec = ds["spec"]["template"]["spec"]
-    (c,) = [c for c in spec["initContainers"] + spec["containers"] if c["name"] == name]
+    (c,) = (c for c in spec["initContainers"] + spec["containers"] if c["name"] == name)
     cmd = c["command"] + c.get("args", [])
     assert cmd[:2] == ["/opt/virtdp/ehost-device.pex", "install-policy"], cmd
     return list(cmd[2:])
 
 
 def shipped_data(deployments: Path) -> Dict[str, str]:
-    (cm,) = [d for d in yaml.safe_load_all((deployments / "virtdp-config.yaml").read_text())]
+    (cm,) = (d for d in yaml.safe_load_all((deployments / "virtdp-config.yaml").read_text()))
     return dict(cm["data"])
 
 
@@ -195,7 +195,7 @@ class Watcher:
             text=True,
             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
         )
-        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.lines: queue.Queue[str] = queue.Queue()
         self.seen: List[str] = []
         assert self.proc.stderr is not None
         stderr = self.proc.stderr
@@ -214,9 +214,7 @@ class Watcher:
 
     def switches(self) -> int:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return sum(
-            int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line
-        )
+        return sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
 
     def wait_blocked(self, timeout: float = 30) -> str:
         """Once the process sleeps in a select/poll (its kernel wait channel), that channel."""

@@ -337,7 +337,11 @@ def test_the_node_policy_is_installed_first_and_kept_in_step(deployments: Path) 
     keys = {k: v.encode() for k, v in cm["data"].items()}
     assert install.check(keys, layout).pool_config == "/etc/virtdp/config.yaml"
     switched = "\n".join(
-        line.lstrip("# ").split("  #")[0] if re.match(r"# *(logFile|allowedPools|poolConfig):", line) else line
+        (
+            line.lstrip("# ").split("  #")[0]
+            if re.match(r"# *(logFile|allowedPools|poolConfig):", line)
+            else line
+        )
         for line in cm["data"]["ehost-device.yaml"].splitlines()
     )
     on = install.check(dict(keys, **{"ehost-device.yaml": switched.encode()}), layout)

@@ -367,8 +367,17 @@ class DaemonSetNode:
         spec = {"binds": binds, "scratch": str(scratch), "netns": self.node.path, "argv": argv}
         try:
             return subprocess.run(
-                ["unshare", "--mount", "--propagation", "private", "--", "python3", "-c",
-                 _HOST_VIEW, json.dumps(spec)],
+                [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "--",
+                    "python3",
+                    "-c",
+                    _HOST_VIEW,
+                    json.dumps(spec),
+                ],
                 env=env,
                 input=input,
                 capture_output=True,

@@ -326,12 +326,17 @@ def test_every_policy_option_works_on_the_host_and_through_the_executor(
     latencies = []
     try:
         for case in CASES:
-            data = {**data, "config.yaml": TWO_POOLS, "ehost-device.yaml": case.policy, **case.extra}
+            data = {
+                **data,
+                "config.yaml": TWO_POOLS,
+                "ehost-device.yaml": case.policy,
+                **case.extra,
+            }
             node.edit_config_map("config", data)
             latencies.append(
                 wait_for(
                     f"{case.name}: policy on the host",
-                    lambda: host_policy.read_text() == case.policy,
+                    lambda want=case.policy: host_policy.read_text() == want,
                 )
             )
             for in_process in (True, False):
@@ -379,8 +384,10 @@ def test_every_policy_option_works_on_the_host_and_through_the_executor(
     # At rest: one process waiting in one blocking read.
     code, status, _ = node.exec(sync, "cat", "/proc/1/status")
     rss = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))
-    print(f"policy-sync at rest: {rss} kB resident; edits reached the host file in "
-          f"{max(latencies) * 1000:.0f} ms at most (after the kubelet's update)")
+    print(
+        f"policy-sync at rest: {rss} kB resident; edits reached the host file in "
+        f"{max(latencies) * 1000:.0f} ms at most (after the kubelet's update)"
+    )
     for name, cid in (("policy-sync", sync), (imagelab.EXECUTOR, executor)):
         node.stop_container(cid)
         st = node.wait_exited(cid, timeout=60)

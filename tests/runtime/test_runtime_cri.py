@@ -243,7 +243,9 @@ def test_a_run_killed_mid_test_is_swept_by_the_next(tmp_path):
     loopback = [
         f"{containerd.LOOPBACK_NETWORK}-{t}-lo"
         for t in stale.task_ids()
-        if os.path.exists(os.path.join(containerd.CNI_RESULTS, f"{containerd.LOOPBACK_NETWORK}-{t}-lo"))
+        if os.path.exists(
+            os.path.join(containerd.CNI_RESULTS, f"{containerd.LOOPBACK_NETWORK}-{t}-lo")
+        )
     ]
     assert loopback, os.listdir(containerd.CNI_RESULTS)
 

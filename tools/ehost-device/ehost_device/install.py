@@ -38,7 +38,7 @@ import signal
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ehost_device import policy
 from virtcore import inotify
@@ -155,7 +155,9 @@ def check(keys: Dict[str, bytes], layout: Layout) -> policy.Policy:
 def _current(path: str, data: bytes) -> bool:
     try:
         with open(path, "rb") as f:
-            return f.read(MAX_FILE + 1) == data and os.fstat(f.fileno()).st_mode & 0o777 == FILE_MODE
+            return (
+                f.read(MAX_FILE + 1) == data and os.fstat(f.fileno()).st_mode & 0o777 == FILE_MODE
+            )
     except OSError:
         return False
 
@@ -238,8 +240,7 @@ def watch(layout: Layout) -> int:
             # hostPath) changes its files in place. Anything else (its timestamped
             # directories coming and going) is a step of the same update.
             if not stop and any(
-                ev.overflow or ev.name == "..data" or not ev.name.startswith(".")
-                for ev in events
+                ev.overflow or ev.name == "..data" or not ev.name.startswith(".") for ev in events
             ):
                 install(layout)
         log.info("%s: stopped", stop[0])
@@ -258,7 +259,9 @@ def main(argv: List[str]) -> int:
         "mounted ConfigMap into the host's /etc/virtdp, atomically, after checking them as the "
         "plugin will read them; with --watch, again on every ConfigMap update.",
     )
-    ap.add_argument("--from", dest="source", required=True, metavar="DIR", help="the mounted ConfigMap")
+    ap.add_argument(
+        "--from", dest="source", required=True, metavar="DIR", help="the mounted ConfigMap"
+    )
     ap.add_argument(
         "--to", dest="target", required=True, metavar="DIR", help=f"the host's {NODE_DIR}, mounted"
     )
