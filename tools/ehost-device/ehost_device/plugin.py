@@ -14,8 +14,8 @@ import os
 import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from ehost_device import caller, ipam, locks
 from ehost_device import conf as cni
-from ehost_device import ipam, locks
 from ehost_device import result as res
 from ehost_device.conf import CniError, Conf, Env
 from virtcore import alias, netns, sysfs
@@ -165,7 +165,11 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
     with contextlib.ExitStack() as hold:
         host = hold.enter_context(netns.open_ns(None))
         pci_address = _resolve_pci(c, host)
-        hold.enter_context(locks.device_lock(c.sysfs_root, pci_address, c.lock_timeout))
+        hold.enter_context(
+            locks.device_lock(
+                c.sysfs_root, pci_address, c.lock_timeout, while_waiting=caller.checkpoint
+            )
+        )
         fn, nic = _host_nic(c, host, pci_address)
         _check_allowed(c, host, pci_address, fn, nic)
         try:
@@ -204,6 +208,7 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
             env.netns,
         )
 
+        caller.checkpoint("the NIC moved")
         with contextlib.ExitStack() as undo:
             if nic.up:  # links are renamed, and MACs changed, while down
                 netns.set_up(host, nic, False, undo=undo)
@@ -222,6 +227,7 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
             got = res.Result()
             if c.ipam_type:
                 ipam_type = c.ipam_type
+                caller.checkpoint("IPAM ADD")
                 # Registered before the call: an IPAM ADD that fails half-way is DELeted too.
                 _undo_step(
                     undo,
@@ -238,6 +244,7 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
                         str(e),
                     ) from None
                 _configure(pod, link, got, undo)
+            caller.checkpoint("the result was ready")
             undo.pop_all()
 
     return _add_result(env, c, pci_address, link, got)
