@@ -153,7 +153,7 @@ def load(environ: Mapping[str, str]) -> Policy:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(
-            path, "(top level)", f"not UTF-8 text ({e.reason})", "a YAML file"
+            path, "(top level)", f"not UTF-8 text ({e.reason})", "a UTF-8 YAML file"
         ) from None
     return parse(text, path)
 
@@ -181,10 +181,13 @@ def parse(text: str, source: str) -> Policy:
     return Policy(**values)
 
 
-def pool_config(p: Policy) -> pools.Config:
-    """The pool config `allowedPools` refers to; every allowed pool must be in it. Raises
+def pool_config(p: Policy, *, text: Optional[str] = None) -> pools.Config:
+    """The pool config `allowedPools` refers to; every allowed pool must be in it. `text` stands
+    in for the file's content (the installer checks a pair before it installs them). Raises
     ConfigError."""
-    config = pools.parse_config(pools.read_text(p.pool_config), p.pool_config, reader="subset")
+    if text is None:
+        text = pools.read_text(p.pool_config)
+    config = pools.parse_config(text, p.pool_config, reader="subset")
     names = [pool.resource_name for pool in config.pools]
     for i, name in enumerate(p.allowed_pools):
         if name not in names:

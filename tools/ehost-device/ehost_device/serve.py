@@ -542,7 +542,8 @@ def main(argv: List[str]) -> int:
         prog="ehost-device",
         description="ehost-device, the CNI plugin for virtio NICs. Run by a container runtime "
         "(CNI_COMMAND set) it plumbs one NIC; `serve` runs the warm executor that answers "
-        "those calls on a node, `probe` checks that it answers.",
+        "those calls on a node, `probe` checks that it answers, `install-policy` installs the "
+        "node policy from the DaemonSet's ConfigMap (see `ehost-device install-policy --help`).",
     )
     ap.add_argument(
         "--version",
