@@ -7,10 +7,10 @@ socket stays bound to the namespace it was made in. Nothing is forked, and no th
 other work ever changes namespace. A `Socket` sends requests (dumps, gets, changes) and decodes
 the answers; `virtcore.netns` builds NIC moves and settings, with their undo, on it.
 
-`snapshot()` reads every link (or only the named ones) and every IPv4/IPv6 default route of
-every routing table, in the current namespace or in a named one; `read(sock)` reads the same,
-and which links' addresses the node's routes use, through a socket the caller already has
-(ehost-device's guard). `event_socket()` subscribes to link and route changes of the current
+`snapshot()` reads, in the current namespace or in a named one, every link (or only the named
+ones), every IPv4/IPv6 route of every routing table and every address: what
+`discovery.exclusion` needs to say whether a NIC is the node's own (a default route, an address
+the node routes with). `event_socket()` subscribes to link and route changes of the current
 namespace (non-blocking, for a selector) and `parse_events()` decodes what it receives.
 """
 
@@ -88,8 +88,16 @@ class Snapshot:
     links: Tuple[Link, ...]
     # ifindex -> ("IPv4",), ("IPv6",) or ("IPv4", "IPv6"): the default routes a link carries.
     default_routes: Mapping[int, Tuple[str, ...]]
-    # ifindex -> the link's addresses (CIDR) that the node's routes use (`read` only).
+    # ifindex -> the link's addresses (CIDR) that the node's routes use.
     addresses_in_use: Mapping[int, Tuple[str, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, links: Tuple[Link, ...], routes: List[Any], addrs: List[Any]) -> Snapshot:
+        return cls(
+            links=links,
+            default_routes=default_routes(routes),
+            addresses_in_use=addresses_in_use(addrs, routes),
+        )
 
     @property
     def default_route_ifindexes(self) -> FrozenSet[int]:
@@ -454,16 +462,15 @@ def decode_link(payload: bytes) -> Link:
 
 
 def _address(family: int, raw: Optional[bytes]) -> Optional[str]:
-    if raw is None:
+    size = {socket.AF_INET: 4, socket.AF_INET6: 16}.get(family)
+    if raw is None or size is None or len(raw) < size:
         return None
-    try:
-        return socket.inet_ntop(family, raw)
-    except (ValueError, OSError):
-        return None
+    return socket.inet_ntop(family, raw[:size])
 
 
 def decode_address(payload: bytes) -> Dict[str, Any]:
-    """family, prefixlen, flags, scope, index, address (IFA_ADDRESS), local (IFA_LOCAL)."""
+    """family, prefixlen, flags, scope, index, and address: the link's own (IFA_LOCAL; else
+    IFA_ADDRESS, which is the peer's on a point-to-point link and the only one for IPv6)."""
     family, prefixlen, flags, scope, index = _IFADDR.unpack_from(payload, 0)
     attrs = _attrs(payload, _IFADDR.size, len(payload))
     return {
@@ -472,8 +479,7 @@ def decode_address(payload: bytes) -> Dict[str, Any]:
         "flags": flags,
         "scope": scope,
         "index": index,
-        "address": _address(family, attrs.get(IFA_ADDRESS)),
-        "local": _address(family, attrs.get(IFA_LOCAL)),
+        "address": _address(family, attrs.get(IFA_LOCAL, attrs.get(IFA_ADDRESS))),
     }
 
 
@@ -542,8 +548,10 @@ def addresses_in_use(
 ) -> Dict[int, Tuple[str, ...]]:
     """ifindex -> the link's own addresses (not link-local) that the node routes with: the link
     is the output of a route outside the `local` table (an address's prefix route, a static
-    route), or one of its addresses is some route's preferred source. A NIC the node talks
-    through this way is the node's own, whatever its default routes say."""
+    route), or one of its addresses is some route's preferred source (an IPv4 address is always
+    the source of its own `local` route). A NIC the node talks through this way is the node's
+    own, whatever its default routes say. `addrs` and `routes` as `decode_address` and
+    `decode_route` make them."""
     own: Dict[int, Dict[str, str]] = {}  # ifindex -> address -> CIDR
     for a in addrs:
         address = a.get("address")
@@ -573,26 +581,21 @@ def _read_error(e: OSError) -> NetlinkReadError:
     return NetlinkReadError(f"netlink dump failed: {os.strerror(e.errno or errno.EIO)}")
 
 
-def read(sock: Socket) -> Snapshot:
-    """Every link, route and address through an open socket, boiled down to a Snapshot.
-    Raises NetlinkReadError."""
-    try:
-        links = tuple(sock.links())
-        routes = sock.routes()
-        addrs = sock.addresses()
-    except OSError as e:
-        raise _read_error(e) from None
-    return Snapshot(
-        links=links,
-        default_routes=default_routes(routes),
-        addresses_in_use=addresses_in_use(addrs, routes),
-    )
-
-
 def snapshot(*, netns: Optional[str] = None, names: Optional[Sequence[str]] = None) -> Snapshot:
-    """Every link (or only the links called `names`; missing ones are left out) and the
-    default-route links, read in the current namespace or in the network namespace file `netns`
-    (e.g. /var/run/netns/x). A missing `netns` is an error: it is never created."""
+    """Every link (or only the links called `names`; missing ones are left out), the
+    default-route links and the addresses in use, read in the current namespace or in the
+    network namespace file `netns` (e.g. /var/run/netns/x). A missing `netns` is an error: it is
+    never created. Raises NetlinkReadError."""
+    if netns is not None:
+        try:
+            # A network namespace file lives on nsfs, as /proc/self/ns/net does.
+            nsfs = os.stat(netns).st_dev == os.stat("/proc/self/ns/net").st_dev
+        except FileNotFoundError:
+            raise NetlinkReadError(f"network namespace {netns} does not exist") from None
+        except OSError as e:
+            raise NetlinkReadError(f"cannot read network namespace {netns}: {e.strerror}") from None
+        if not nsfs:
+            raise NetlinkReadError(f"{netns} is not a network namespace (not an nsfs file)")
     try:
         sock = socket_in(netns)
     except FileNotFoundError:
@@ -608,9 +611,10 @@ def snapshot(*, netns: Optional[str] = None, names: Optional[Sequence[str]] = No
                 found = (sock.link(name=name) for name in names)
                 links = tuple(link for link in found if link is not None)
             routes = sock.routes()
+            addrs = sock.addresses()
     except OSError as e:
         raise _read_error(e) from None
-    return Snapshot(links=links, default_routes=default_routes(routes))
+    return Snapshot.of(links, routes, addrs)
 
 
 # -- events ---------------------------------------------------------------------------------------
@@ -634,10 +638,12 @@ class LinkEvent:
 
 @dataclass(frozen=True)
 class RouteEvent:
-    """RTM_NEWROUTE/RTM_DELROUTE; `default` for a unicast default route (dst_len 0)."""
+    """RTM_NEWROUTE/RTM_DELROUTE; `default` for a unicast default route (dst_len 0); `oifs`:
+    the links it goes out through (a NIC's eligibility may have changed)."""
 
     deleted: bool
     default: bool
+    oifs: Tuple[int, ...] = ()
 
 
 def event_socket(*, receive_buffer: Optional[int] = None) -> socket.socket:
@@ -684,11 +690,15 @@ def parse_events(data: bytes) -> List[Any]:
                 )
             )
         elif kind in (RTM_NEWROUTE, RTM_DELROUTE) and body + _RTMSG.size <= end:
-            family, dst_len, *_rest, rtype, _rflags = _RTMSG.unpack_from(data, body)
+            route = decode_route(data[body:end])
+            oifs = [route.get("oif")] + [hop["oif"] for hop in route.get("multipath", ())]
             events.append(
                 RouteEvent(
                     deleted=kind == RTM_DELROUTE,
-                    default=family in _FAMILIES and dst_len == 0 and rtype == RTN_UNICAST,
+                    default=route["family"] in _FAMILIES
+                    and route["dst_len"] == 0
+                    and route["type"] == RTN_UNICAST,
+                    oifs=tuple(sorted({i for i in oifs if i})),
                 )
             )
         offset += (length + 3) & ~3

@@ -6,6 +6,7 @@ answers `probe`), and where the warm executor listens by default (the front and 
 both need it).
 """
 
+__version__ = "0.1.0"
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST = SUPPORTED_VERSIONS[-1]
 

@@ -6,7 +6,8 @@ often, and `main` returns its status. The executor path imports only built-in mo
 `lean_json` (see `front`): not even os, whose import costs a sixth of the interpreter's start.
 Every other command ends the process itself once its answer is written (`_exit_now`): `main`
 does not return from them. `ehost-device serve|probe ...` (arguments, no CNI_COMMAND) runs the
-executor itself (`serve`).
+executor itself (`serve`), `ehost-device install-policy ...` the DaemonSet's policy installer
+(`install`).
 """
 
 import posix
@@ -37,6 +38,10 @@ def main() -> int:
 
     environ = _environ()
     if len(sys.argv) > 1 and not environ.get("CNI_COMMAND"):
+        if sys.argv[1] == "install-policy":  # resident in the DaemonSet: no gRPC
+            from ehost_device import install
+
+            return install.main(sys.argv[2:])
         from ehost_device import serve
 
         return serve.main(sys.argv[1:])
