@@ -462,8 +462,8 @@ def decode_link(payload: bytes) -> Link:
 
 
 def _address(family: int, raw: Optional[bytes]) -> Optional[str]:
-    size = {socket.AF_INET: 4, socket.AF_INET6: 16}.get(family)
-    if raw is None or size is None or len(raw) < size:
+    size = 4 if family == socket.AF_INET else 16 if family == socket.AF_INET6 else 0
+    if raw is None or not size or len(raw) < size:
         return None
     return socket.inet_ntop(family, raw[:size])
 
