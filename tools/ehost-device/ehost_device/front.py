@@ -25,10 +25,11 @@ The wire (both directions): a fixed header, then the payload.
             MISMATCH: the executor speaks another version (its own in the header).
 """
 
-import _socket
-import _struct
 import posix
 import sys
+
+import _socket
+import _struct
 
 from ehost_device import DEFAULT_SOCKET as DEFAULT_SOCKET
 from ehost_device import lean_json
