@@ -333,13 +333,13 @@ def front_side(args: argparse.Namespace, conf: Dict[str, Any]) -> None:
     def py(code: str) -> List[str]:
         return [python, "-I", "-S", "-c", prefix + code, path]
 
-    socket = "f.executor_socket(os.environ)"
+    socket = "f.executor_socket(c._environ())"  # as cli does it: without importing os
     parts = {
         "launcher": (ours, version),
         "entry": (py("from ehost_device.cli import main; sys.exit(main())"), version),
         "bare": ([python, "-I", "-S", "-c", "pass"], {}),
         "imports": (py("import ehost_device.cli, ehost_device.front"), env),
-        "policy": (py("import os, ehost_device.cli as c, ehost_device.front as f; " + socket), env),
+        "policy": (py("import ehost_device.cli as c, ehost_device.front as f; " + socket), env),
     }
     call_env = {
         **env,
