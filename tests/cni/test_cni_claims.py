@@ -11,70 +11,11 @@ import json
 
 import pytest
 from claimlab import claim, cni_args, device, new_uid, status_files, statuses, write
-from cnilist import ConfList
+from claimrig import A, B, C, cluster, cluster_leases, home, mark
 from conftest import VERSIONS, check_result_shape
 from netlab import ip, tag, veth
 
 from virtcore import alias, claims
-
-A, B, C = "0000:00:05.0", "0000:00:06.0", "0000:00:07.0"
-
-
-@pytest.fixture
-def dra(rig):
-    """The node's DRA state directory, named by the node policy."""
-    d = rig.tmp / "dra"
-    d.mkdir()
-    rig.write_policy(draStateDir=str(d))
-    return d
-
-
-@pytest.fixture
-def nics(rig):
-    """Three virtio NICs on the node, and how each looked before any pod."""
-    names = {A: "ens5", B: "ens6", C: "ens7"}
-    for pci, name in names.items():
-        rig.nic(pci, name)
-    return {pci: (name, rig.state(name)) for pci, name in names.items()}
-
-
-def home(rig, nics, *pcis) -> bool:
-    return all(rig.has_link(nics[p][0]) and rig.state(nics[p][0]) == nics[p][1] for p in pcis)
-
-
-def mark(rig, name, pod) -> alias.Mark:
-    m = alias.decode(rig.state(name, pod)["alias"])
-    assert m is not None, name
-    return m
-
-
-def cluster(rig, version: str = "1.0.0", **ours) -> ConfList:
-    """The node's default conflist: the cluster network (ptp, host-local 192.0.2.0/24), then
-    ehost-device by claim (host-local 198.51.100.0/24 from the rig)."""
-    conflist = {
-        "cniVersion": version,
-        "name": "vnet",
-        "plugins": [
-            {
-                "type": "ptp",
-                "ipam": {
-                    "type": "host-local",
-                    "dataDir": str(rig.tmp / "ipam-cluster"),
-                    "ranges": [[{"subnet": "192.0.2.0/24"}]],
-                },
-            },
-            {"type": "ehost-device", "ipam": rig.host_local(), **ours},
-        ],
-    }
-    return ConfList(conflist, rig.cni)
-
-
-def cluster_leases(rig):
-    d = rig.tmp / "ipam-cluster" / "vnet"
-    if not d.is_dir():
-        return []
-    return sorted(p.name for p in d.iterdir() if p.name != "lock" and "last_" not in p.name)
-
 
 # -- through a NAD ------------------------------------------------------------------------------
 

@@ -344,11 +344,12 @@ class _Gone:
 def statuses_of(env: Env, c: Conf) -> List[claims.DeviceStatus]:
     """The network status files of this attachment (CNI_CONTAINERID and CNI_IFNAME)."""
     bad: List[claims.ClaimRecordError] = []
-    out = [
-        s
-        for s in claims.load_statuses(c.policy.dra_state_dir, errors=bad)
-        if s.container_id == env.container_id and s.if_name == env.ifname
-    ]
+    try:
+        every = claims.load_statuses(c.policy.dra_state_dir, errors=bad)
+    except OSError as e:  # never a reason for DEL to fail: the marks still find the NICs
+        log.warning("%s %s: network status files unreadable: %s", env.command, env.container_id, e)
+        return []
+    out = [s for s in every if s.container_id == env.container_id and s.if_name == env.ifname]
     for e in bad:
         log.warning(
             "%s %s: unreadable network status skipped: %s", env.command, env.container_id, e
@@ -543,11 +544,11 @@ def cmd_gc(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
         (a.get("containerID"), a.get("ifname")) for a in c.raw.get("cni.dev/valid-attachments", [])
     }
     bad: List[claims.ClaimRecordError] = []
-    stale = [
-        s
-        for s in claims.load_statuses(c.policy.dra_state_dir, errors=bad)
-        if (s.container_id, s.if_name) not in valid
-    ]
+    try:
+        every = claims.load_statuses(c.policy.dra_state_dir, errors=bad)
+    except OSError as e:
+        raise CniError(cni.E_IO, "cannot read the network status files", str(e)) from None
+    stale = [s for s in every if (s.container_id, s.if_name) not in valid]
     if not stale:
         return
     with netns.open_ns(None) as host:
