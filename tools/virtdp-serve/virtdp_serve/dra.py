@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from concurrent import futures
@@ -83,9 +84,21 @@ _MESSAGES = {
 class ReadError(Exception):
     """A claim could not be read from the API server; the message says why."""
 
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
 
 # (namespace, name, timeout in seconds) -> the ResourceClaim as decoded JSON.
 ClaimReader = Callable[[str, str, float], Any]
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")]+")
+
+
+def _transport_problem(message: str) -> str:
+    """The useful part of urllib3's wrapped message ("[Errno 111] Connection refused")."""
+    m = _ERRNO.search(message)
+    return m.group(0) if m else message[:200]
 
 
 def kube_reader(kube: Any) -> ClaimReader:
@@ -113,9 +126,10 @@ def kube_reader(kube: Any) -> ClaimReader:
             if failure.status == 404:
                 raise ReadError("not found in the API server (deleted?)") from None
             if failure.unreachable:
+                if "timed out" in failure.message:
+                    raise ReadError("the API server did not answer", timed_out=True) from None
                 raise ReadError(
-                    f"could not read it from the API server within {timeout:g}s: "
-                    f"{failure.message}"
+                    f"API server unreachable: {_transport_problem(failure.message)}"
                 ) from None
             raise ReadError(f"the API server refused to read it: {failure}") from None
 
@@ -378,11 +392,16 @@ class DraPlugin:
 
         def read(ref: ClaimRef) -> Any:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return ReadError(f"not read: the {self.api_timeout:g}s deadline passed")
             try:
+                if remaining <= 0:
+                    raise ReadError("not read", timed_out=True)
                 return self.reader(ref.namespace, ref.name, remaining)
             except ReadError as e:
+                if e.timed_out:
+                    return ReadError(
+                        f"{e} within the {self.api_timeout:g}s deadline (--dra-api-timeout)",
+                        timed_out=True,
+                    )
                 return e
 
         if len(requested) == 1:
