@@ -67,7 +67,7 @@ def prepare(
     devices = allocation.get("devices") or {}
     if not isinstance(devices, dict):
         raise ClaimError(f"{want}: status.allocation.devices is not an object")
-    results = devices.get("results") or []
+    results = _list_or_none(devices.get("results"))
     if not isinstance(results, list):
         raise ClaimError(f"{want}: status.allocation.devices.results is not a list")
     ours = [r for r in results if isinstance(r, dict) and r.get("driver") == driver]
@@ -75,7 +75,7 @@ def prepare(
         others = sorted({str(r.get("driver")) for r in results if isinstance(r, dict)})
         held = f"devices of driver {', '.join(others)}" if others else "no devices"
         raise ClaimError(f"{want}: is allocated {held}, none of driver {driver}")
-    names = _interface_names(devices.get("config") or [], want, driver)
+    names = _interface_names(_list_or_none(devices.get("config")), want, driver)
     out: List[ClaimedDevice] = []
     for i, r in enumerate(ours):
         request, pool, device = (r.get("request"), r.get("pool"), r.get("device"))
@@ -115,9 +115,14 @@ def prepare(
         namespace=want.namespace,
         name=want.name,
         driver=driver,
-        pods=_pods(status.get("reservedFor") or [], want),
+        pods=_pods(_list_or_none(status.get("reservedFor")), want),
         devices=tuple(out),
     )
+
+
+def _list_or_none(value: Any) -> Any:
+    """An omitted (or null) list is empty; anything else is checked by the caller."""
+    return [] if value is None else value
 
 
 def _obj(doc: Dict[str, Any], key: str, want: ClaimRef) -> Dict[str, Any]:
