@@ -12,7 +12,8 @@ generic registry, patch and watch handling (k8s.io/apiserver):
 - One resourceVersion counter for everything (etcd's revision), a string on the wire. Create
   sets uid, creationTimestamp, resourceVersion and, for slices, metadata.generation = 1; a slice
   update that changes the spec bumps generation. A taint without `timeAdded` gets the current
-  time (second precision), as the v1 defaulting does.
+  time, as the v1 defaulting does (also on update: a driver that omits it changes the spec);
+  times are stored as metav1.Time encodes them (UTC, whole seconds, "Z").
 - Update (PUT) and patch: a resourceVersion in the body that is not the stored one -> 409
   Conflict; none -> unconditional (both strategies AllowUnconditionalUpdate). Create of an
   existing name -> 409 AlreadyExists; missing object -> 404 NotFound; invalid object -> 422
@@ -890,6 +891,21 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _rfc3339(value: Any) -> str:
+    """A metav1.Time as the server stores and returns it: RFC 3339 in UTC, whole seconds."""
+    try:
+        t = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(
+            400,
+            "BadRequest",
+            f'parsing time "{value}" as "2006-01-02T15:04:05Z07:00": cannot parse',
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=datetime.timezone.utc)
+    return t.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _selector(raw: str, what: str) -> List[Tuple[str, str, str]]:
     """`a=b,c!=d` -> [(a, "=", b), (c, "!=", d)]; only the equality forms the driver uses."""
     terms = []
@@ -954,6 +970,9 @@ class TestApiServer:
         class Server(ThreadingHTTPServer):
             daemon_threads = True
             allow_reuse_address = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a client that hangs up (or down()) is no error of the server
 
         self._server = Server(("127.0.0.1", self.port), Handler)
         self.port = self._server.server_address[1]
@@ -1086,8 +1105,9 @@ class TestApiServer:
             now = _now()
             for dev in (obj.get("spec") or {}).get("devices") or []:
                 for taint in (dev.get("taints") if isinstance(dev, dict) else None) or []:
-                    if isinstance(taint, dict) and not taint.get("timeAdded"):
-                        taint["timeAdded"] = now
+                    if isinstance(taint, dict):
+                        # v1 defaulting, then metav1.Time's own encoding (UTC, seconds, "Z").
+                        taint["timeAdded"] = _rfc3339(taint.get("timeAdded") or now)
         elif kind.resource == "resourceclaims":
             self.unknown_fields += _prune_claim_status(obj)
 
@@ -1185,8 +1205,6 @@ class TestApiServer:
                     obj.pop("status", None)
             self._prepare(kind, obj)
             if kind.resource == "resourceslices":
-                for dev in obj.get("spec", {}).get("devices") or []:
-                    _keep_time_added(dev, old)
                 causes = validate_slice(obj, old)
             elif kind.resource == "resourceclaims" and subresource == "status":
                 causes = validate_claim_status(obj, old)
@@ -1344,24 +1362,6 @@ class TestApiServer:
                 "metadata": {"resourceVersion": str(rv)},
             },
         }
-
-
-def _keep_time_added(dev: Any, old: Obj) -> None:
-    """A taint sent without timeAdded that the stored device already has keeps its time."""
-    if not isinstance(dev, dict):
-        return
-    for old_dev in old.get("spec", {}).get("devices") or []:
-        if old_dev.get("name") != dev.get("name"):
-            continue
-        for taint in dev.get("taints") or []:
-            if isinstance(taint, dict) and "timeAdded" not in taint:
-                for t in old_dev.get("taints") or []:
-                    if (t.get("key"), t.get("value", ""), t.get("effect")) == (
-                        taint.get("key"),
-                        taint.get("value", ""),
-                        taint.get("effect"),
-                    ):
-                        taint["timeAdded"] = t.get("timeAdded")
 
 
 _PATH = re.compile(
