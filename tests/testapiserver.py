@@ -12,7 +12,8 @@ generic registry, patch and watch handling (k8s.io/apiserver):
 - One resourceVersion counter for everything (etcd's revision), a string on the wire. Create
   sets uid, creationTimestamp, resourceVersion and, for slices, metadata.generation = 1; a slice
   update that changes the spec bumps generation. A taint without `timeAdded` gets the current
-  time (second precision), as the v1 defaulting does.
+  time, as the v1 defaulting does (also on update: a driver that omits it changes the spec);
+  times are stored as metav1.Time encodes them (UTC, whole seconds, "Z").
 - Update (PUT) and patch: a resourceVersion in the body that is not the stored one -> 409
   Conflict; none -> unconditional (both strategies AllowUnconditionalUpdate). Create of an
   existing name -> 409 AlreadyExists; missing object -> 404 NotFound; invalid object -> 422
@@ -42,10 +43,14 @@ generic registry, patch and watch handling (k8s.io/apiserver):
   and, as the real server does, one just before a `timeoutSeconds` ends the stream. A watch
   ends on timeout, when the server stops or goes down; events are newline-delimited JSON in
   chunked encoding.
+- `netns=PATH` listens on 127.0.0.1 inside that network namespace (a daemon under test that
+  runs there reaches it; the socket is made by a throwaway thread that enters the namespace).
 - Faults: `down()` closes the listening socket and every open connection (clients get
   connection refused) until `up()` listens again on the same port; `slow = s` delays every
   answer by s seconds; `conflict_next(resource, name)` has an outside writer change the object
-  (a label) just before the next write to it arrives, so that write meets a genuine 409.
+  (a label) just before the next write to it arrives, so that write meets a genuine 409;
+  `bookmarks = False` ignores allowWatchBookmarks (which servers may do), so a watch that
+  ends leaves the client with the version of its last event.
 - Not modelled: authentication/authorization (any request is allowed), server-side apply,
   managedFields, finalizers and graceful deletion, sendInitialEvents, resourceVersionMatch,
   paging (limit/continue), protobuf and CBOR. Unknown fields are dropped with a `Warning`
@@ -57,9 +62,12 @@ Runs in the test process; the driver under test may be another process.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import datetime
 import ipaddress
 import json
+import os
 import random
 import re
 import socket
@@ -221,6 +229,8 @@ def _label_name(path: str, value: Any) -> List[Cause]:
 def _canonical_ifaddr(value: str) -> Optional[str]:
     """IsValidInterfaceAddress: None when `value` is a canonical ifaddr CIDR, else the message."""
     try:
+        if "/" not in value:
+            raise ValueError(value)
         iface = ipaddress.ip_interface(value)
     except ValueError:
         return "must be a valid address in CIDR form, (e.g. 10.9.8.7/24 or 2001:db8::1/64)"
@@ -890,6 +900,21 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _rfc3339(value: Any) -> str:
+    """A metav1.Time as the server stores and returns it: RFC 3339 in UTC, whole seconds."""
+    try:
+        t = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(
+            400,
+            "BadRequest",
+            f'parsing time "{value}" as "2006-01-02T15:04:05Z07:00": cannot parse',
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=datetime.timezone.utc)
+    return t.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _selector(raw: str, what: str) -> List[Tuple[str, str, str]]:
     """`a=b,c!=d` -> [(a, "=", b), (c, "!=", d)]; only the equality forms the driver uses."""
     terms = []
@@ -923,8 +948,14 @@ class _Event:
 class TestApiServer:
     """Start with `with TestApiServer() as api:`; `api.kubeconfig(path)` writes a kubeconfig."""
 
-    def __init__(self, *, bookmark_interval: float = 60.0, history: int = 10000) -> None:
+    __test__ = False  # not a pytest class
+
+    def __init__(
+        self, *, bookmark_interval: float = 60.0, history: int = 10000, netns: Optional[str] = None
+    ) -> None:
         self.bookmark_interval = bookmark_interval
+        self.netns = netns  # listen on 127.0.0.1 of this network namespace (a path)
+        self.bookmarks = True  # False: ignore allowWatchBookmarks (servers may)
         self.history = history
         self.slow = 0.0
         self.lock = threading.Condition()
@@ -955,8 +986,17 @@ class TestApiServer:
             daemon_threads = True
             allow_reuse_address = True
 
-        self._server = Server(("127.0.0.1", self.port), Handler)
-        self.port = self._server.server_address[1]
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a client that hangs up (or down()) is no error of the server
+
+        server = Server(("127.0.0.1", self.port), Handler, bind_and_activate=False)
+        if self.netns is not None:
+            server.socket.close()
+            server.socket = _socket_in(self.netns)
+        server.server_bind()
+        server.server_activate()
+        self._server = server
+        self.port = server.server_address[1]
         self._down.clear()
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="testapiserver", daemon=True
@@ -1086,8 +1126,9 @@ class TestApiServer:
             now = _now()
             for dev in (obj.get("spec") or {}).get("devices") or []:
                 for taint in (dev.get("taints") if isinstance(dev, dict) else None) or []:
-                    if isinstance(taint, dict) and not taint.get("timeAdded"):
-                        taint["timeAdded"] = now
+                    if isinstance(taint, dict):
+                        # v1 defaulting, then metav1.Time's own encoding (UTC, seconds, "Z").
+                        taint["timeAdded"] = _rfc3339(taint.get("timeAdded") or now)
         elif kind.resource == "resourceclaims":
             self.unknown_fields += _prune_claim_status(obj)
 
@@ -1185,8 +1226,6 @@ class TestApiServer:
                     obj.pop("status", None)
             self._prepare(kind, obj)
             if kind.resource == "resourceslices":
-                for dev in obj.get("spec", {}).get("devices") or []:
-                    _keep_time_added(dev, old)
                 causes = validate_slice(obj, old)
             elif kind.resource == "resourceclaims" and subresource == "status":
                 causes = validate_claim_status(obj, old)
@@ -1195,8 +1234,8 @@ class TestApiServer:
             if causes:
                 raise _invalid_error(kind, name, causes)
             obj["apiVersion"], obj["kind"] = kind.api_version, kind.kind
-            unchanged = {k: v for k, v in obj.items()} == old
-            if unchanged:
+            obj["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
+            if obj == old:
                 return copy.deepcopy(old)  # a no-op update writes nothing, keeps the version
             if kind.resource == "resourceslices" and obj.get("spec") != old.get("spec"):
                 obj["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
@@ -1346,22 +1385,33 @@ class TestApiServer:
         }
 
 
-def _keep_time_added(dev: Any, old: Obj) -> None:
-    """A taint sent without timeAdded that the stored device already has keeps its time."""
-    if not isinstance(dev, dict):
-        return
-    for old_dev in old.get("spec", {}).get("devices") or []:
-        if old_dev.get("name") != dev.get("name"):
-            continue
-        for taint in dev.get("taints") or []:
-            if isinstance(taint, dict) and "timeAdded" not in taint:
-                for t in old_dev.get("taints") or []:
-                    if (t.get("key"), t.get("value", ""), t.get("effect")) == (
-                        taint.get("key"),
-                        taint.get("value", ""),
-                        taint.get("effect"),
-                    ):
-                        taint["timeAdded"] = t.get("timeAdded")
+def _socket_in(netns: str) -> socket.socket:
+    """A TCP socket of the network namespace `netns`, made in a throwaway thread that enters
+    it (a socket stays in the namespace it was made in; no other thread switches)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    out: List[Any] = []
+
+    def make() -> None:
+        try:
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns {netns}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            out.append(sock)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            out.append(e)
+
+    t = threading.Thread(target=make, name="netns-socket")
+    t.start()
+    t.join()
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
 
 
 _PATH = re.compile(
@@ -1421,7 +1471,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         for w in warnings or []:
-            self.send_header("Warning", f'299 - "{w}"')
+            escaped = w.replace("\\", "\\\\").replace('"', '\\"')
+            self.send_header("Warning", f'299 - "{escaped}"')
         self.end_headers()
         self.wfile.write(data)
 
@@ -1598,7 +1649,7 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 raise ApiError(400, "BadRequest", f"invalid resource version: {rv}") from None
         timeout = float(query.get("timeoutSeconds") or 1800)
-        bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
+        bookmarks = self.api.bookmarks and query.get("allowWatchBookmarks") in ("true", "1")
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")

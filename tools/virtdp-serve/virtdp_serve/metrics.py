@@ -133,6 +133,21 @@ DRA_HEALTH_UPDATES = Counter(
     registry=REGISTRY,
 )
 
+DRA_SLICE_WRITES = Counter(
+    "virtdp_dra_slice_writes",
+    "ResourceSlice writes to the API server (DRA), by verb (create, update, delete) and result "
+    "(ok, unreachable, or the HTTP status: 409 is a conflict retried at once).",
+    ["verb", "result"],
+    registry=REGISTRY,
+)
+DRA_CLAIM_STATUS_WRITES = Counter(
+    "virtdp_dra_claim_status_writes",
+    "ResourceClaim status updates (status.devices[].networkData) by result (ok, unreachable, or "
+    "the HTTP status: 409 is a conflict retried at once, 404 a claim that is gone).",
+    ["result"],
+    registry=REGISTRY,
+)
+
 
 def forget_pool(resource: str) -> None:
     """Drop the per-pool series of a pool that was removed from the configuration."""
