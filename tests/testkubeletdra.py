@@ -27,6 +27,10 @@ kubernetes/pkg/kubelet): `pluginmanager/pluginwatcher/plugin_watcher.go`,
 - health (HandleWatchResourcesStream + healthInfoCache): each message replaces the driver's
   device health (last update = arrival); a device not updated within its timeout (default 30 s)
   is Unknown; the cache of a driver is cleared when its stream ends.
+- ResourceSlices (with `api` and `node`): at start the kubelet deletes every slice of its node
+  (NewDRAPluginManager -> wipeResourceSlices, all drivers); when the last plugin of a driver is
+  gone it deletes that driver's slices of the node after `wipe_delay` (30 s, defaultWipingDelay),
+  unless a plugin of the driver registers again first.
 - restart: plugins and streams are dropped; prepared claims survive (the kubelet checkpoints
   them in dra_manager_state); the new watcher walks the directory again.
 
@@ -64,6 +68,7 @@ NOTIFY_TIMEOUT = 5.0
 CALL_TIMEOUT = 45.0  # defaultClientCallTimeout
 HEALTH_RETRY = 5.0
 DEFAULT_HEALTH_TIMEOUT = 30.0
+WIPE_DELAY = 30.0  # defaultWipingDelay
 
 Obj = Dict[str, Any]
 
@@ -138,8 +143,16 @@ class TestDraKubelet:
         *,
         health: bool = True,
         services: Sequence[str] = SERVICES_SUPPORTED,
+        api: Optional[Any] = None,
+        node: Optional[str] = None,
+        wipe_delay: float = WIPE_DELAY,
     ) -> None:
         self.registry_dir = registry_dir
+        self.api = api  # a TestApiServer: the kubelet's own client to it
+        self.node = node
+        self.wipe_delay = wipe_delay
+        self.wipes: List[Tuple[Optional[str], int]] = []  # (driver or None for all, deleted)
+        self._wipe_timers: Dict[str, threading.Timer] = {}
         self.services = tuple(services)  # what this kubelet version supports
         self.health_enabled = health  # the ResourceHealthStatus feature gate
         self.lock = threading.Condition()
@@ -160,6 +173,7 @@ class TestDraKubelet:
         self.generation += 1
         self._stop = threading.Event()
         os.makedirs(self.registry_dir, mode=0o755, exist_ok=True)
+        self.wipe_slices(None)  # no driver is usable before it registers again
         self._inotify = inotify.Inotify()
         self._thread = threading.Thread(
             target=self._watch, args=(self._inotify, self._stop), name="dra watcher", daemon=True
@@ -181,6 +195,10 @@ class TestDraKubelet:
             self.plugins.clear()
             self._sockets.clear()
             self.health.clear()
+            timers = list(self._wipe_timers.values())
+            self._wipe_timers.clear()
+        for t in timers:
+            t.cancel()
         for p in plugins:
             p.stop.set()
             p.channel.close()
@@ -279,6 +297,9 @@ class TestDraKubelet:
             with self.lock:
                 self.plugins.setdefault(info.name, []).append(plugin)
                 self._sockets[socket_path] = plugin.registered_at
+                timer = self._wipe_timers.pop(info.name, None)
+            if timer is not None:
+                timer.cancel()  # usable again: no wiping
             if self.health_enabled:
                 threading.Thread(
                     target=self._health_loop, args=(plugin,), name="dra health", daemon=True
@@ -319,11 +340,37 @@ class TestDraKubelet:
             plugins = self.plugins.get(plugin.driver, [])
             if plugin in plugins:
                 plugins.remove(plugin)
-            if not plugins:
+            last = not plugins
+            if last:
                 self.plugins.pop(plugin.driver, None)
+                if plugin.driver not in self._wipe_timers and self.api is not None:
+                    timer = threading.Timer(self.wipe_delay, self.wipe_slices, (plugin.driver,))
+                    timer.daemon = True
+                    self._wipe_timers[plugin.driver] = timer
+                    timer.start()
             self.lock.notify_all()
         plugin.stop.set()
         plugin.channel.close()
+
+    def wipe_slices(self, driver: Optional[str]) -> int:
+        """DeleteCollection of the node's ResourceSlices (of one driver, or all)."""
+        if self.api is None or self.node is None:
+            return 0
+        deleted = 0
+        for s in self.api.list("resourceslices"):
+            spec = s.get("spec") or {}
+            if spec.get("nodeName") != self.node or (driver and spec.get("driver") != driver):
+                continue
+            try:
+                self.api.delete("resourceslices", s["metadata"]["name"])
+                deleted += 1
+            except Exception:  # gone meanwhile
+                pass
+        with self.lock:
+            self._wipe_timers.pop(driver or "", None)
+            self.wipes.append((driver, deleted))
+            self.lock.notify_all()
+        return deleted
 
     def plugin(self, driver: str) -> Plugin:
         """GetPlugin: the newest registered plugin of the driver."""

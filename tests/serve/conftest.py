@@ -12,10 +12,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 from fakesysfs import FakeSysfs
@@ -29,47 +28,6 @@ from virtcore import claims
 
 NODE = "node-a"
 DRIVER = claims.DEFAULT_DRIVER
-CLONE_NEWNET = 0x40000000
-
-
-def in_netns(path: str, fn: Callable[[], Any]) -> Any:
-    """Run `fn` in a throwaway thread that entered the network namespace at `path`: sockets it
-    creates stay in that namespace; no other thread of the test process changes namespace."""
-    import ctypes
-
-    out: Dict[str, Any] = {}
-
-    def run() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err), path)
-        finally:
-            os.close(fd)
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # re-raised in the caller
-            out["error"] = e
-
-    t = threading.Thread(target=run, name="in netns")
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
-
-
-class NodeApiServer(TestApiServer):
-    """The test API server listening on 127.0.0.1 of the node namespace (the daemon's)."""
-
-    def __init__(self, netns_path: str, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.netns_path = netns_path
-
-    def _listen(self) -> None:
-        in_netns(self.netns_path, super()._listen)
 
 
 def free_port() -> int:
@@ -94,8 +52,8 @@ class ServeLab:
         self.dra_state_dir = self.root / "dra"
         self.namespaces: List[Netns] = []
         self.kubelet = TestKubelet(str(self.plugin_dir))
-        self.dra_kubelet = TestDraKubelet(str(self.registry_dir))
-        self._api: Optional[NodeApiServer] = None
+        self._dra_kubelet: Optional[TestDraKubelet] = None
+        self._api: Optional[TestApiServer] = None
         self.proc: Optional[subprocess.Popen] = None
         self.log_path = self.root / "serve.log"
         self.metrics_port: Optional[int] = None
@@ -260,9 +218,23 @@ class ServeLab:
 
     # -- DRA -------------------------------------------------------------------------------
     @property
-    def api(self) -> NodeApiServer:
+    def dra_kubelet(self) -> TestDraKubelet:
+        """The kubelet's DRA side, with its client to the test API server (slice wiping)."""
+        if self._dra_kubelet is None:
+            self._dra_kubelet = TestDraKubelet(str(self.registry_dir), api=self.api, node=NODE)
+        return self._dra_kubelet
+
+    @dra_kubelet.setter
+    def dra_kubelet(self, kubelet: TestDraKubelet) -> None:
+        if self._dra_kubelet is not None:
+            self._dra_kubelet.stop()
+        self._dra_kubelet = kubelet
+
+    @property
+    def api(self) -> TestApiServer:
+        """The test API server on 127.0.0.1 of the node namespace (where the daemon runs)."""
         if self._api is None:
-            self._api = NodeApiServer(self.node.path)
+            self._api = TestApiServer(netns=self.node.path)
             self._api.start()
         return self._api
 
@@ -373,7 +345,8 @@ class ServeLab:
         finally:
             try:
                 self.kubelet.stop()
-                self.dra_kubelet.stop()
+                if self._dra_kubelet is not None:
+                    self._dra_kubelet.stop()
                 if self._api is not None:
                     self._api.stop()
             finally:

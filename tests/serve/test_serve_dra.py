@@ -112,7 +112,9 @@ def test_prepare_is_idempotent_and_unprepare_of_unknown_claims_succeeds(lab):
 def test_v1beta1_kubelet_gets_the_same_service(lab):
     lab.add_nic(A, "ens10")
     lab.start(*lab.dra_args())
-    lab.dra_kubelet = TestDraKubelet(str(lab.registry_dir), services=("v1beta1.DRAPlugin",))
+    lab.dra_kubelet = TestDraKubelet(
+        str(lab.registry_dir), services=("v1beta1.DRAPlugin",), api=lab.api, node=NODE
+    )
     lab.dra_kubelet.start()
     assert lab.dra_kubelet.wait_registered(DRIVER).service == "v1beta1.DRAPlugin"
     claim = lab.claim("c1", [A])
@@ -125,7 +127,9 @@ def test_v1beta1_kubelet_gets_the_same_service(lab):
 def test_kubelet_without_a_common_service_is_refused_and_not_ready(lab):
     lab.add_nic(A, "ens10")
     lab.start(*lab.dra_args(), metrics=True)
-    lab.dra_kubelet = TestDraKubelet(str(lab.registry_dir), services=("v2.DRAPlugin",))
+    lab.dra_kubelet = TestDraKubelet(
+        str(lab.registry_dir), services=("v2.DRAPlugin",), api=lab.api, node=NODE
+    )
     lab.dra_kubelet.start()
     lab.dra_kubelet.wait(lambda: lab.dra_kubelet.registrations, 10, "a registration attempt")
     assert not lab.dra_kubelet.registrations[-1].registered
@@ -212,4 +216,4 @@ def test_stop_removes_both_sockets_and_keeps_the_record(lab):
     assert not lab.registration_socket.exists() and not lab.dra_socket.exists()
     lab.dra_kubelet.wait(lambda: not lab.dra_kubelet.plugins, 5, "deregistration")
     assert len(lab.record()) == 1
-    assert os.listdir(lab.dra_state_dir) == ["claims.json"]
+    assert sorted(os.listdir(lab.dra_state_dir)) == ["claims.json", "status"]

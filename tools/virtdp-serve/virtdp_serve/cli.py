@@ -292,7 +292,6 @@ def _dra_options(
     """Check the DRA flags (exit 2 naming the flag) and connect the API client."""
     from virtcore import kubeapi
     from virtdp_serve.daemon import DraOptions
-    from virtdp_serve.dra import kube_reader
 
     if len(driver) > 63 or not _DNS_SUBDOMAIN.fullmatch(driver):
         raise _fail(
@@ -355,7 +354,7 @@ def _dra_options(
         plugins_dir=str(plugins_dir),
         state_dir=str(state_dir),
         pools=wanted,
-        reader=kube_reader(kube),
+        kube=kube,
         api_timeout=api_timeout,
     )
 

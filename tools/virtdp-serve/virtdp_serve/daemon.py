@@ -25,11 +25,12 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from virtcore import discovery, pools, sysfs
 from virtcore.kubelet import registration
-from virtdp_serve import metrics
-from virtdp_serve.dra import DEFAULT_API_TIMEOUT, ClaimReader, DraPlugin
+from virtdp_serve import claimstatus, metrics, slices
+from virtdp_serve.dra import DEFAULT_API_TIMEOUT, DraPlugin, kube_reader
 from virtdp_serve.events import DEFAULT_RECEIVE_BUFFER, Batch, EventSources
-from virtdp_serve.inventory import DraDevice, Inventory
+from virtdp_serve.inventory import Inventory
 from virtdp_serve.plugin import PoolPlugin, file_identity
+from virtdp_serve.prepare import ClaimRef
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,8 @@ class DraOptions:
     plugins_dir: str
     state_dir: str
     pools: Optional[Tuple[str, ...]]  # served through DRA; None: every pool (DRA only)
-    reader: ClaimReader
+    kube: Any  # virtcore.kubeapi.Kube: claims, slices and claim status go through it
     api_timeout: float = DEFAULT_API_TIMEOUT
-    # The ResourceSlice publisher: .start(), .update(Sequence[DraDevice]) (must not block),
-    # .stop(). None: no slices (the kubelet side only).
-    publisher: Optional[Any] = None
 
 
 class Daemon:
@@ -103,7 +101,10 @@ class Daemon:
             self._metrics = metrics.MetricsServer(metrics_address, self.ready)
         self._event_buffer = event_buffer
         self._sources: Optional[EventSources] = None
+        self.publisher: Optional[slices.Publisher] = None
+        self.status_writer: Optional[claimstatus.StatusWriter] = None
         if dra is not None:
+            self.publisher = slices.Publisher(dra.kube, node=dra.node, driver=dra.driver)
             self.dra = DraPlugin(
                 driver=dra.driver,
                 node=dra.node,
@@ -112,9 +113,13 @@ class Daemon:
                 state_dir=dra.state_dir,
                 inventory=self.inventory,
                 pools=self.dra_pools,
-                reader=dra.reader,
+                reader=kube_reader(dra.kube),
                 api_timeout=dra.api_timeout,
-                on_devices=self._devices_for_slices if dra.publisher is not None else None,
+                on_devices=self.publisher.update,
+                on_claims=self._claims_changed,
+            )
+            self.status_writer = claimstatus.StatusWriter(
+                dra.kube, driver=dra.driver, state_dir=dra.state_dir, prepared=self._prepared
             )
 
     # -- which side serves which pool ------------------------------------------------------
@@ -134,9 +139,14 @@ class Daemon:
     def _is_device_plugin_pool(self, resource_name: str) -> bool:
         return self.device_plugin and not self.is_dra_pool(resource_name)
 
-    def _devices_for_slices(self, devices: Sequence[DraDevice]) -> None:
-        assert self.dra_options is not None and self.dra_options.publisher is not None
-        self.dra_options.publisher.update(devices)
+    def _prepared(self) -> List[Tuple[str, str, str]]:
+        assert self.dra is not None
+        return [(c.uid, c.namespace, c.name) for c in self.dra.prepared().values()]
+
+    def _claims_changed(self, changed: Sequence[ClaimRef]) -> None:
+        if self.status_writer is not None:
+            for ref in changed:
+                self.status_writer.claim_changed(ref.uid, ref.namespace, ref.name)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -154,9 +164,10 @@ class Daemon:
             self._metrics.start()
             log.info("metrics on port %d (/metrics, /healthz, /readyz)", self._metrics.port)
         if self.dra is not None:
-            if self.dra_options is not None and self.dra_options.publisher is not None:
-                self.dra_options.publisher.start()
-            self.dra.start()
+            assert self.publisher is not None and self.status_writer is not None
+            self.publisher.start()
+            self.dra.start()  # reads the claim record, serves, hands the first device list
+            self.status_writer.start()
         if self.device_plugin:
             os.makedirs(self.device_plugin_dir, exist_ok=True)
         self._watch_directories()
@@ -206,8 +217,9 @@ class Daemon:
             plugin.stop()
         if self.dra is not None:
             self.dra.stop()
-        if self.dra_options is not None and self.dra_options.publisher is not None:
-            self.dra_options.publisher.stop()
+        for part in (self.status_writer, self.publisher):
+            if part is not None:
+                part.stop()
         if self._sources is not None:
             self._sources.close()
             self._sources = None

@@ -165,6 +165,7 @@ class DraPlugin:
         reader: ClaimReader,
         api_timeout: float = DEFAULT_API_TIMEOUT,
         on_devices: Optional[Callable[[Sequence[DraDevice]], None]] = None,
+        on_claims: Optional[Callable[[Sequence[ClaimRef]], None]] = None,
     ) -> None:
         self.driver = driver
         self.node = node
@@ -176,6 +177,7 @@ class DraPlugin:
         self.reader = reader
         self.api_timeout = api_timeout
         self.on_devices = on_devices
+        self.on_claims = on_claims
         self.registration_socket = os.path.join(registry_dir, f"{driver}-reg.sock")
         self.endpoint = os.path.join(self.endpoint_dir, DRA_SOCKET)
         for path in (self.registration_socket, self.endpoint):
@@ -375,12 +377,13 @@ class DraPlugin:
                         continue
                     record[claim.uid] = claim
                     out[ref.uid] = (_devices(claim), "")
-                if record != self._claims:
+                changed = [r for r in requested if record.get(r.uid) != self._claims.get(r.uid)]
+                if changed:
                     self._save(record)
                 for ref in requested:
                     if not out[ref.uid][1]:
                         metrics.DRA_CLAIM_RESULTS.labels("prepare", "ok").inc()
-            self.after_record_change()
+            self.after_record_change(changed)
             return out
         finally:
             metrics.DRA_PREPARE_SECONDS.observe(time.perf_counter() - started)
@@ -459,16 +462,18 @@ class DraPlugin:
     def node_unprepare(self, requested: Sequence[ClaimRef]) -> Dict[str, str]:
         """claim uid -> error ("" on success) for every claim asked for. Forgetting a claim
         that is not in the record is success (the call repeats after restarts)."""
+        changed = []
         with self._record_lock:
             record = dict(self._claims)
             for ref in requested:
                 gone = record.pop(ref.uid, None)
                 if gone is not None:
+                    changed.append(ref)
                     log.info("DRA: unprepared %s (uid %s)", ref, ref.uid)
                 metrics.DRA_CLAIM_RESULTS.labels("unprepare", "ok").inc()
-            if record != self._claims:
+            if changed:
                 self._save(record)
-        self.after_record_change()
+        self.after_record_change(changed)
         return {ref.uid: "" for ref in requested}
 
     def _save(self, record: Dict[str, PreparedClaim]) -> None:
@@ -482,9 +487,13 @@ class DraPlugin:
         self._claims = record
         metrics.DRA_CLAIMS.set(len(record))
 
-    def after_record_change(self) -> None:
+    def after_record_change(self, changed: Sequence[ClaimRef]) -> None:
+        if not changed:
+            return
         self.inventory.wake()  # health streams: a held NIC's problem may differ
         self.publish()
+        if self.on_claims is not None:
+            self.on_claims(changed)
 
 
 class RecordError(RuntimeError):
