@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import re
 from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 from ehost_device import conf as cni
@@ -39,9 +38,6 @@ from virtcore import alias, claims, netns
 log = logging.getLogger("ehost-device")
 
 POD_UID = "K8S_POD_UID"
-# Kubernetes object UIDs are UUIDs; what claims.py accepts in a file name, nothing else.
-_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,127}$")
-_DEVICE = re.compile(r"^pci-([0-9a-f]{4})-([0-9a-f]{2})-([0-9a-f]{2})-([0-7])$")
 
 Held = Tuple[claims.PreparedClaim, claims.ClaimedDevice]
 
@@ -63,7 +59,7 @@ def pod_uid(env: Env, *, strict: bool = True) -> Optional[str]:
     """The pod's UID from CNI_ARGS, None if absent. A value that is not a UID is an error
     (`strict`) or, for DEL, ignored."""
     uid = cni_args(env).get(POD_UID) or None
-    if uid is not None and not _UID.match(uid):
+    if uid is not None and not claims.is_uid(uid):
         if strict:
             raise CniError(
                 cni.E_INVALID_ENV,
@@ -95,12 +91,6 @@ def held_by(c: Conf, uid: str) -> List[Held]:
 
 def _describe(cl: claims.PreparedClaim, d: claims.ClaimedDevice) -> str:
     return f"claim {cl.namespace}/{cl.name} (request {d.request}, device {d.device})"
-
-
-def _pci_of(device: str) -> Optional[str]:
-    """The PCI address a DRA device name stands for ("pci-0000-00-04-0" -> "0000:00:04.0")."""
-    m = _DEVICE.match(device)
-    return f"{m[1]}:{m[2]}:{m[3]}.{m[4]}" if m else None
 
 
 # -- ADD ----------------------------------------------------------------------------------------
@@ -397,7 +387,7 @@ def _release(
             key = (s.claim_uid, s.device)
             entry = next((g for g in gone if (g.claim_uid, g.device) == key), None)
             if entry is None:
-                pci_address = _pci_of(s.device)
+                pci_address = claims.pci_address_of(s.device)
                 if pci_address is None:
                     continue
                 entry = _Gone(pci_address, s.claim_uid, s.device)
@@ -557,7 +547,7 @@ def cmd_gc(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
             if alias.decode(link.alias) is None:
                 home[link.name] = link
         for s in stale:
-            pci_address = _pci_of(s.device)
+            pci_address = claims.pci_address_of(s.device)
             if pci_address is None or not _is_home(c, pci_address, home):
                 continue
             log.info(
