@@ -124,6 +124,18 @@ def _root(
     pass
 
 
+def _locator(sysfs_root: Path, netns: Optional[Path], netns_dir: Path) -> Any:
+    """Where each NIC is now (virtdp_inspect.locate), and the problems met finding out."""
+    from virtdp_inspect import locate
+
+    return locate.build(
+        str(sysfs_root),
+        netns=str(netns) if netns else None,
+        netns_dir=str(netns_dir),
+        proc_root=plumbed.PROC_ROOT,
+    )
+
+
 # -- allocations ---------------------------------------------------------------------------------
 def _where(row: Mapping[str, Any]) -> str:
     loc = row["location"]
@@ -168,15 +180,9 @@ def allocations(
     output: OutputOpt = Output.table,
 ) -> None:
     from virtdp_inspect import allocations as alloc
-    from virtdp_inspect import locate
 
     # Netlink first: reading other namespaces forks helpers, which gRPC threads dislike.
-    locator, problems = locate.build(
-        str(sysfs_root),
-        netns=str(netns) if netns else None,
-        netns_dir=str(netns_dir),
-        proc_root=plumbed.PROC_ROOT,
-    )
+    locator, problems = _locator(sysfs_root, netns, netns_dir)
     try:
         source = alloc.gather(str(pod_resources_socket), str(checkpoint_file), timeout)
     except alloc.NoSource as e:
@@ -270,18 +276,13 @@ def claims(
     timeout: TimeoutOpt = DEFAULT_TIMEOUT,
     output: OutputOpt = Output.table,
 ) -> None:
-    from virtdp_inspect import locate, prepared
+    from virtdp_inspect import prepared
 
     try:
         record = prepared.read(str(dra_state_dir))
     except claim_record.ClaimRecordError as e:
         raise _fail(str(e)) from None
-    locator, problems = locate.build(
-        str(sysfs_root),
-        netns=str(netns) if netns else None,
-        netns_dir=str(netns_dir),
-        proc_root=plumbed.PROC_ROOT,
-    )
+    locator, problems = _locator(sysfs_root, netns, netns_dir)
     problems = list(record.problems) + problems
     api = None
     if kubeconfig is not None:
