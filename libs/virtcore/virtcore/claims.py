@@ -111,6 +111,11 @@ def device_name(pci_address: str) -> str:
     return "pci-" + address.replace(":", "-").replace(".", "-")
 
 
+def is_uid(text: object) -> bool:
+    """An object UID as the record accepts it (a UUID, or any file-name-safe token)."""
+    return isinstance(text, str) and bool(_UID.match(text))
+
+
 def ifname_problem(name: object) -> Optional[str]:
     """Why `name` cannot be a Linux interface name, or None (the kernel's dev_valid_name)."""
     if not isinstance(name, str):
