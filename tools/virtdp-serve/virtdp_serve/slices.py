@@ -297,6 +297,8 @@ class Publisher:
                 )
                 with self._cond:
                     self._synced = False
+                    self.in_sync = False
+                    self.last_error = f"watch: {f or e}"
                     self._cond.wait_for(lambda: self._stopping, delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, self.backoff_max)
 
@@ -436,7 +438,9 @@ class Publisher:
         ):
             target = self._pending[1]
         else:
-            target = generation + 1
+            # Never back to a generation used before (after someone deleted every slice):
+            # consumers may still hold slices of it.
+            target = max(generation, self.generation) + 1
         self._pending = (want, target)
         pool = {"name": self.node, "generation": target, "resourceSliceCount": len(want)}
         api = self.kube.resource()
@@ -512,7 +516,7 @@ class Publisher:
         stored = json.loads(resp.data)
         with self._cond:
             self.writes += 1
-            self._cache[stored["metadata"]["name"]] = stored
+            self._remember(stored)
 
     def _delete(self, api: Any, obj: Obj) -> None:
         meta = obj["metadata"]
@@ -549,8 +553,15 @@ class Publisher:
                     self._cache.pop(name, None)
                 return
             raise
-        obj = json.loads(resp.data)
         with self._cond:
+            self._remember(json.loads(resp.data))
+
+    def _remember(self, obj: Obj) -> None:
+        """Cache what a write or read returned, unless the watch already brought a newer
+        version (someone wrote after us: the cache must not go back). Lock held."""
+        name = obj["metadata"]["name"]
+        cached = self._cache.get(name)
+        if cached is None or _rv(obj) >= _rv(cached):
             self._cache[name] = obj
 
 
