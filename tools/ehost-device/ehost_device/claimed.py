@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from ehost_device import conf as cni
 from ehost_device import ipam, locks, plugin
@@ -289,7 +289,9 @@ def _chained_result(env: Env, c: Conf, done: List[Tuple[Any, Any, Any, Any]]) ->
     """The prevResult, as is, plus the new interfaces, their IPs and routes."""
     out = dict(c.prev_result or {})
     base = len(out.get("interfaces") or [])
-    interfaces, ips, routes = [], [], []
+    interfaces: List[res.Interface] = []
+    ips: List[res.IP] = []
+    routes: List[res.RouteSpec] = []
     dns: Dict[str, Any] = {}
     for i, (_, d, link, got) in enumerate(done):
         interfaces.append(
@@ -340,9 +342,9 @@ def statuses_of(env: Env, c: Conf) -> List[claims.DeviceStatus]:
         log.warning("%s %s: network status files unreadable: %s", env.command, env.container_id, e)
         return []
     out = [s for s in every if s.container_id == env.container_id and s.if_name == env.ifname]
-    for e in bad:
+    for why in bad:
         log.warning(
-            "%s %s: unreadable network status skipped: %s", env.command, env.container_id, e
+            "%s %s: unreadable network status skipped: %s", env.command, env.container_id, why
         )
     return out
 
@@ -538,6 +540,8 @@ def cmd_gc(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
         every = claims.load_statuses(c.policy.dra_state_dir, errors=bad)
     except OSError as e:
         raise CniError(cni.E_IO, "cannot read the network status files", str(e)) from None
+    for why in bad:
+        log.warning("GC: unreadable network status left alone: %s", why)
     stale = [s for s in every if (s.container_id, s.if_name) not in valid]
     if not stale:
         return
@@ -569,7 +573,7 @@ def _is_home(c: Conf, pci_address: str, home: Mapping[str, netns.Link]) -> bool:
     return any(name in home for name in fn.netdevs)
 
 
-COMMANDS = {
+COMMANDS: Dict[str, Callable[[Env, Conf, Mapping[str, str]], Optional[Dict[str, Any]]]] = {
     "ADD": cmd_add,
     "DEL": cmd_del,
     "CHECK": cmd_check,
