@@ -29,8 +29,8 @@ import dataclasses
 import logging
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
+from ehost_device import caller, ipam, locks, plugin
 from ehost_device import conf as cni
-from ehost_device import ipam, locks, plugin
 from ehost_device import result as res
 from ehost_device.conf import CniError, Conf, Env
 from virtcore import alias, claims, netns
@@ -143,7 +143,11 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
         picks = _names(env, c, pod, held) if chained(c) else [_pick(env, pod, uid, held)]
         # Every lock first, in PCI order: two calls wanting overlapping NICs cannot deadlock.
         for pci_address in sorted({d.pci_address for _, d, _ in picks}):
-            hold.enter_context(locks.device_lock(c.sysfs_root, pci_address, c.lock_timeout))
+            hold.enter_context(
+                locks.device_lock(
+                    c.sysfs_root, pci_address, c.lock_timeout, while_waiting=caller.checkpoint
+                )
+            )
         nics = []
         for cl, d, name in picks:
             try:
@@ -174,6 +178,7 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
                 done.append((cl, d, link, got))
             for cl, d, link, got in done:
                 _write_status(env, c, uid, cl, d, link, got, undo)
+            caller.checkpoint("the result was ready")
             undo.pop_all()
     if not chained(c):
         _, d, link, got = done[0]
