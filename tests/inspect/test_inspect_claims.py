@@ -107,6 +107,16 @@ def test_prepared_claims_their_pods_and_where_each_nic_is(node):
     rc = rows["nic-c"]
     assert (rc["request"], rc["location"]) == ("far", "absent")
 
+    # `netns` shows whose the NIC is, from its mark.
+    scan, proc = inspect_json("netns")
+    assert proc.returncode == 0, proc.stderr
+    [marked] = [n for n in scan["nics"] if n["pci_address"] == b]
+    assert (marked["claim_uid"], marked["pod_uid"], marked["attachment"]) == (
+        cb.uid,
+        cb.pods[0].uid,
+        "eth0",
+    )
+
     table = inspect("claims", *node["args"])
     assert table.returncode == 0, table.stderr
     [line] = [x for x in table.stdout.splitlines() if "prod/nic-b" in x]

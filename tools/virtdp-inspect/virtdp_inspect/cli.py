@@ -527,6 +527,10 @@ def netns(
             "original_mtu": n.mark.mtu,
             "original_mac": n.mark.mac,
             "was_down": n.mark.was_down,
+            # Taken by DRA claim (ehost_device.claimed): whose, and through which attachment.
+            "pod_uid": n.mark.pod,
+            "claim_uid": n.mark.claim,
+            "attachment": n.mark.attachment,
         }
         for n in scan.nics
     ]
