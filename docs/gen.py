@@ -127,7 +127,10 @@ def render_policy_reference() -> str:
         "`spec.config`) is tenant input, so these never come from it: ehost-device reads them",
         f"from `{policy.DEFAULT_PATH}` on the node, or from the file the plugin's environment",
         f"names in `{policy.ENV}` (set by the runtime, not by tenants). The virtdp DaemonSet",
-        "installs the file from the `ehost-device.yaml` key of the `virtdp-config` ConfigMap.",
+        "installs every key of the `virtdp-config` ConfigMap into the node's `/etc/virtdp`",
+        "(`ehost-device.yaml`, the policy; `config.yaml`, the pool config) after checking them as",
+        "the plugin reads them, and again after every edit of the ConfigMap, within about a",
+        'minute (docs/operator-guide.md, "The node policy").',
         "",
         f"- No file at `{policy.DEFAULT_PATH}` (and `{policy.ENV}` unset): every default below.",
         f"- A file `{policy.ENV}` names must exist. An empty file means every default.",
@@ -147,6 +150,17 @@ def render_policy_reference() -> str:
         "",
         "The file is read with a YAML subset (block mappings and lists, one-line `[a, b]` lists,",
         "quoted and plain scalars, comments): anchors, tags and block scalars are refused.",
+        "",
+        "In the DaemonSet, the plugin on the host and the executor container must read and write",
+        "the same files, so the installer refuses (and logs; the installed files stay) a policy",
+        "whose paths the executor container does not see as the host does:",
+        "",
+        "- `poolConfig`: `/etc/virtdp/<key>` for a key of the ConfigMap (installed beside the",
+        "  policy); the default `/etc/virtdp/config.yaml` is the pool config virtdp-serve reads.",
+        "- `logFile`: a file in `/var/log/virtdp` (the DaemonSet creates that host directory).",
+        "- `sysfsRoot`: `/sys` or below it.",
+        f"- `executorSocket`: `{_default(policy.SCHEMA, 'executorSocket')}` (the executor "
+        'container\'s) or `""`.',
         "",
         "## Keys",
         "",
@@ -170,6 +184,11 @@ def render_policy_reference() -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _default(schema: Any, path: str) -> Any:
+    (key,) = (k for k in schema if k.path == path)
+    return key.default
 
 
 def _schema_rows(schema: Any) -> List[Dict[str, Any]]:

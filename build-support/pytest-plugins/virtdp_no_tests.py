@@ -2,7 +2,8 @@
 
 Pants runs each test file as its own pytest process, and Pants 2.17 reports pytest's exit 5 ("no
 tests collected") as a failure. A file that collects nothing is reported loudly here instead and
-passes; .ci/run counts the tests that ran over the whole suite and fails if that is zero.
+passes; build-support/check-all (virtdp_summary) counts the tests that ran over the whole suite and
+fails if that is zero.
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def test_allowed_pools_let_in_only_their_nics(rig):
     rig.write_policy(allowedPools=["example.com/fast"], poolConfig=str(pools))
     pod = rig.pod()
     err = rig.cni("ADD", rig.conf("1.0.0", deviceID=PCI), pod=pod).error(110)
-    assert "kernel.org/virt" in err["details"] and "example.com/fast" in err["details"]
+    assert "pool kernel.org/virt" in err["msg"] and "example.com/fast" in err["msg"]
     assert rig.has_link("ens5") and not rig.has_link("net1", pod)
     conf = rig.conf("1.0.0", deviceID=OTHER)
     rig.cni("ADD", conf, pod=pod).ok()

@@ -72,13 +72,17 @@ def mount_for(deployments: Path, container: Doc, path: str) -> Tuple[Doc, Doc]:
     return found[0], volumes[found[0]["name"]]
 
 
-def test_daemonset_args_parse_with_the_real_cli(deployments: Path) -> None:
+def test_daemonset_args_parse_with_the_real_cli(deployments: Path, fake_sysfs) -> None:
     from virtdp_serve import metrics
 
     c = serve_container(deployments)
     cmd = serve_command()
     # make_context parses and converts every value (choices, paths, counts) without running.
-    ctx = cmd.make_context("virtdp-serve", list(c["args"]))
+    # --sysfs-root must name a sysfs tree: the node's /host/sys is not here (the mount test
+    # below checks that path), a fake tree stands in for it.
+    args = list(c["args"])
+    args[args.index("--sysfs-root") + 1] = str(fake_sysfs.root)
+    ctx = cmd.make_context("virtdp-serve", args)
     assert ctx.params["log_format"].value == "json"
     host, port = metrics.parse_address(ctx.params["metrics_address"])
     assert host in ("0.0.0.0", "::"), "the kubelet probes the node's address: listen on all"
@@ -398,16 +402,36 @@ def test_executor_container_serves_where_the_plugin_looks(deployments: Path) -> 
     assert env["PEX_ROOT"].startswith("/tmp/") and "emptyDir" in tmp
 
 
-def test_executor_args_parse_with_the_real_cli(deployments: Path, tmp_path: Path) -> None:
-    """`ehost-device serve --help` as shipped lists every flag the DaemonSet passes."""
-    c = executor_container(deployments)
+def ehost_device_help(verb: str) -> str:
+    """`ehost-device <verb> --help` as shipped."""
     p = subprocess.run(
-        [*tool_command("ehost-device"), "serve", "--help"],
+        [*tool_command("ehost-device"), verb, "--help"],
         capture_output=True,
         text=True,
         timeout=120,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
     )
     assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def test_executor_args_parse_with_the_real_cli(deployments: Path, tmp_path: Path) -> None:
+    """`ehost-device serve --help` as shipped lists every flag the DaemonSet passes."""
+    c = executor_container(deployments)
+    help_text = ehost_device_help("serve")
     for flag in flag_values(c["args"][1:]):
-        assert flag in p.stdout, f"ehost-device serve --help does not list {flag}"
+        assert flag in help_text, f"ehost-device serve --help does not list {flag}"
+
+
+def test_policy_installer_args_parse_with_the_real_cli(deployments: Path) -> None:
+    """`ehost-device install-policy --help` as shipped lists every flag the init container and
+    policy-sync pass."""
+    spec = pod_spec(deployments)
+    help_text = ehost_device_help("install-policy")
+    for c in spec["initContainers"] + spec["containers"]:
+        cmd = c.get("command", []) + c.get("args", [])
+        if cmd[1:2] != ["install-policy"]:
+            continue
+        for arg in cmd[2:]:
+            if arg.startswith("--"):
+                assert arg in help_text, f"install-policy --help does not list {arg}"

@@ -1,6 +1,7 @@
 """docs/: the generated references are what docs/gen.py makes from the code now, every tool
-command line in the operator docs parses with the real CLI, and every link and file named
-exists."""
+command line in the docs parses with the real CLI, every link and file named exists, and the
+README's first screen holds what a newcomer needs: the two commands (the second is what CI runs),
+how long it takes, what it installs, and an index of every page under docs/."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ PAGES = (
     "architecture.md",
     "config-reference.md",
     "metrics.md",
+    "policy-reference.md",
+    "deployment.md",
+    "development.md",
+    "virtdp-discover.md",
+    "virtdp-serve.md",
+    "virtdp-inspect.md",
+    "ehost-device.md",
     "dra-cni.md",
 )
 
@@ -164,9 +172,52 @@ def test_every_documented_command_parses(repo_root: Path, tmp_path: Path, fake_s
 def test_doc_links_and_named_files_exist(repo_root: Path) -> None:
     for name in PAGES:
         text = (repo_root / "docs" / name).read_text()
-        for target in re.findall(r"\]\(([^)#]+\.md)\)", text):
+        for target in re.findall(r"\]\(([^)#]+\.md)(?:#[^)]*)?\)", text):
             assert (repo_root / "docs" / target).is_file(), f"{name}: link to {target}"
         for path in set(re.findall(r"\b(deployments/[\w./-]+\.(?:yaml|sh))\b", text)):
             assert (repo_root / path).is_file(), f"{name}: names {path}, which does not exist"
         for path in set(re.findall(r"\b(deployments/Containerfile)\b", text)):
             assert (repo_root / path).is_file()
+
+
+# -- the README's first screen -------------------------------------------------------------------
+
+
+def test_readme_first_screen_is_the_newcomer_path(repo_root: Path) -> None:
+    readme = (repo_root / "README.md").read_text()
+    first_screen = "\n".join(readme.splitlines()[:40])
+    blocks = re.findall(r"```\n(.*?)```", first_screen, flags=re.S)
+    commands = blocks[0].splitlines()
+    assert commands == [
+        "./pants package tools/virtdp-discover: && dist/virtdp-discover.pex",
+        "build-support/check-all",
+    ]
+    # The second command is the Pants run CI makes, then the summary of its reports.
+    check_all = (repo_root / "build-support" / "check-all").read_text()
+    assert "./pants --no-pantsd tailor --check lint check test --force package ::" in check_all
+    assert "virtdp_summary.py" in check_all
+    # How long, and what it installs (what ./pants apt-installs when missing).
+    assert re.search(r"takes\s+(about\s+)?\d+ minutes", first_screen), "how long it takes"
+    pants = (repo_root / "pants").read_text()
+    packages = [
+        name
+        for call in re.findall(r"apt_install ((?:[^\n]*\\\n)*[^\n]*)", pants)
+        for name in call.replace("\\", " ").split()
+    ]
+    assert "containerd" in packages, "./pants no longer apt-installs what the tests need?"
+    for name in packages:
+        assert name in first_screen, f"{name} (./pants installs it) not on the first screen"
+    # The figures line is in the form the suite prints it.
+    from virtdp_summary import FIELDS, line
+
+    [shown] = [x for x in blocks[1].splitlines() if x.startswith("virtdp e2e:")]
+    numbers = re.findall(r"\d+", shown.split(":", 1)[1])
+    assert len(numbers) == len(FIELDS) and shown == line(**dict(zip(FIELDS, map(int, numbers))))
+
+
+def test_readme_indexes_every_page(repo_root: Path) -> None:
+    readme = (repo_root / "README.md").read_text()
+    linked = set(re.findall(r"\]\(docs/([^)#]+\.md)\)", readme))
+    for target in linked:
+        assert (repo_root / "docs" / target).is_file(), f"README links to docs/{target}"
+    assert linked >= set(PAGES), f"README does not list {sorted(set(PAGES) - linked)}"

@@ -25,9 +25,9 @@ import pytest
 PAD_LINES = 6000  # ~400 KiB: a copy takes long enough to be caught mid-write if done in place
 
 RUNNER = r"""
-import json, os, subprocess, sys, time
-target, stop, deadline = sys.argv[1], sys.argv[2], time.monotonic() + float(sys.argv[3])
-while not os.path.exists(stop) and time.monotonic() < deadline:
+import json, os, subprocess, sys
+target, stop = sys.argv[1], sys.argv[2]
+while not os.path.exists(stop):
     try:
         p = subprocess.run([target], capture_output=True, text=True)
         rec = {"rc": p.returncode, "out": p.stdout, "err": p.stderr}
@@ -105,6 +105,14 @@ def test_writing_in_place_would_hit_etxtbsy(tmp_path: Path) -> None:
     assert rec.get("errno") == errno.ETXTBSY, rec
 
 
+# What the loop must have seen while the installers ran: enough execs, enough installs of each
+# version, and the plugin change under it. The test runs until it has, however slow the machine
+# (a count, not a clock), and fails only on a broken exec or on HANG_GUARD seconds of no progress.
+MIN_EXECS = 50
+MIN_INSTALLS = 5
+HANG_GUARD = 300.0
+
+
 def test_install_while_plugin_runs_in_a_loop(
     installer: Path, sources: Dict[str, Path], tmp_path: Path
 ) -> None:
@@ -117,42 +125,62 @@ def test_install_while_plugin_runs_in_a_loop(
 
     stop = tmp_path / "stop"
     runner = subprocess.Popen(
-        [sys.executable, "-c", RUNNER, str(target), str(stop), "60"],
-        stdout=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-c", RUNNER, str(target), str(stop)], stdout=subprocess.PIPE, text=True
     )
     failures: List[str] = []
     installs = {"v1": 0, "v2": 0}
+    seen: List[str] = []
+    done = threading.Event()
 
-    def install_loop(version: str, until: float) -> None:
-        while time.monotonic() < until:
+    def read_execs() -> None:
+        assert runner.stdout is not None
+        for line in runner.stdout:
+            seen.append(verdict(json.loads(line), ["v1", "v2"]))
+            if enough():
+                done.set()
+        done.set()  # the runner ended
+
+    def enough() -> bool:
+        return (
+            len(seen) >= MIN_EXECS
+            and min(installs.values()) >= MIN_INSTALLS
+            and {"v1", "v2"} <= set(seen)
+        )
+
+    def install_loop(version: str) -> None:
+        while not done.is_set():
             p = run_installer(installer, str(sources[version]), str(bindir), "ehost-device")
             if p.returncode != 0:
                 failures.append(f"{version}: rc={p.returncode} {p.stderr.strip()}")
+                done.set()
                 return
             installs[version] += 1
 
+    reader = threading.Thread(target=read_execs)
+    # Two installers race each other (a rolling update overlapping an old pod) and the exec
+    # loop: the file keeps flipping between versions while it runs.
+    threads = [threading.Thread(target=install_loop, args=(v,)) for v in ("v2", "v1")]
     try:
-        # Two installers race each other (a rolling update overlapping an old pod) and the exec
-        # loop: the file keeps flipping between versions while it runs.
-        until = time.monotonic() + 3.0
-        threads = [threading.Thread(target=install_loop, args=(v, until)) for v in ("v2", "v1")]
+        reader.start()
         for t in threads:
             t.start()
+        progress = (-1, -1)
+        while not done.wait(timeout=HANG_GUARD):
+            now = (len(seen), sum(installs.values()))
+            assert now != progress, f"no progress in {HANG_GUARD}s: {now} execs, installs"
+            progress = now
+    finally:
+        done.set()
         for t in threads:
             t.join()
-    finally:
         stop.touch()
-        out, _ = runner.communicate(timeout=60)
+        runner.wait(timeout=60)
+        reader.join(timeout=60)
 
     assert failures == []
-    records = [json.loads(line) for line in out.splitlines()]
-    seen = [verdict(r, ["v1", "v2"]) for r in records]
     bad = [s for s in seen if s not in ("v1", "v2")]
     assert bad == [], f"{len(bad)} of {len(seen)} execs saw no complete plugin: {bad[:5]}"
-    assert len(seen) >= 50, f"only {len(seen)} execs ran during the installs"
-    assert installs["v1"] >= 5 and installs["v2"] >= 5, installs
-    assert {"v1", "v2"} <= set(seen), "the loop never saw the plugin change"
+    assert enough(), f"runner ended early: {len(seen)} execs, {installs}"
 
     final = target.read_text()
     assert final in (plugin_text("v1"), plugin_text("v2"))

@@ -274,29 +274,78 @@ def test_init_container_installs_the_shipped_plugin_into_host_cni_bin(deployment
     assert not mount.get("readOnly")
 
 
-def test_init_container_installs_the_node_policy_from_the_configmap(deployments: Path) -> None:
-    # ehost-device reads /etc/virtdp/ehost-device.yaml on the host (ehost_device.policy): the
-    # init container copies the ConfigMap's key there, 0644, with the same atomic installer.
-    from ehost_device import policy
+def test_the_node_policy_is_installed_first_and_kept_in_step(deployments: Path) -> None:
+    # ehost-device reads /etc/virtdp/ehost-device.yaml and the pool config it names on the
+    # host (ehost_device.policy); the executor container reads them at the same paths. The
+    # DaemonSet installs every key of the ConfigMap there with `ehost-device install-policy`:
+    # once before the plugin (init), then on every ConfigMap update (policy-sync, --watch).
+    from ehost_device import front, install, policy
 
     copies, _ = containerfile(deployments)
     spec = daemonset(deployments)["spec"]["template"]["spec"]
+    names = [c["name"] for c in spec["initContainers"]]
+    assert names.index("install-policy") < names.index("install-cni"), names
     (init,) = (c for c in spec["initContainers"] if c["name"] == "install-policy")
-    script, source, target_dir, name = init["command"]
-    assert script == copies["deployments/install-cni.sh"]
-    assert os.path.join(os.path.dirname(policy.DEFAULT_PATH), name) == policy.DEFAULT_PATH
-    assert {e["name"]: e["value"] for e in init["env"]} == {"INSTALL_MODE": "0644"}
+    (sync,) = (c for c in spec["containers"] if c["name"] == "policy-sync")
+    (executor,) = (c for c in spec["containers"] if c["name"] == "ehost-device-executor")
+    pex, verb, *args = init["command"]
+    assert (pex, verb) == (copies["dist/ehost-device.pex"], "install-policy")
+    assert "args" not in init and sync["command"] == init["command"]
+    assert sync["args"] == ["--watch"]
+    flags: Dict[str, List[str]] = {}
+    for flag, value in zip(args[::2], args[1::2]):
+        flags.setdefault(flag, []).append(value)
     volumes = {v["name"]: v for v in spec["volumes"]}
-    mounts = {m["mountPath"]: m for m in init["volumeMounts"]}
-    host = volumes[mounts[target_dir]["name"]]["hostPath"]["path"]
-    assert host == os.path.dirname(policy.DEFAULT_PATH)
-    source_dir, key = os.path.split(source)
-    cm_volume = volumes[mounts[source_dir]["name"]]
-    cm = one(deployments, "ConfigMap", cm_volume["configMap"]["name"])
-    # The shipped policy parses, and its pool config is the one virtdp-serve is given.
-    node = policy.parse(cm["data"][key], policy.DEFAULT_PATH)
-    assert node.pool_config == "/etc/virtdp/config.yaml"
-    pools.parse_config(cm["data"]["config.yaml"], "config.yaml", reader="subset")
+    for c in (init, sync):
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        (target,) = flags["--to"]
+        assert volumes[mounts[target]["name"]]["hostPath"]["path"] == install.NODE_DIR
+        assert not mounts[target].get("readOnly")
+        (source,) = flags["--from"]
+        assert volumes[mounts[source]["name"]]["configMap"]["name"] == "virtdp-config"
+        # PEX_ROOT in a writable mount: the root filesystem is read-only.
+        env = {e["name"]: e["value"] for e in c.get("env", [])}
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert env["PEX_ROOT"].startswith("/tmp/") and "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    assert install.NODE_DIR == os.path.dirname(policy.DEFAULT_PATH)
+    # --shared: exactly host directories the executor mounts at the same paths, among them
+    # every default path of the policy and the ConfigMap's example log file's directory.
+    executor_mounts = {
+        m["mountPath"]: volumes[m["name"]].get("hostPath", {}).get("path")
+        for m in executor["volumeMounts"]
+    }
+    for shared in flags["--shared"]:
+        assert executor_mounts.get(shared) == shared, f"the executor does not mount {shared}"
+    cm = one(deployments, "ConfigMap", "virtdp-config")
+    example_log = next(
+        line.split("logFile:")[1].split()[0]
+        for line in cm["data"]["ehost-device.yaml"].splitlines()
+        if "logFile:" in line
+    )
+    for path in (install.NODE_DIR, "/sys", os.path.dirname(front.DEFAULT_SOCKET)):
+        assert path in flags["--shared"], path
+    assert os.path.dirname(example_log) in flags["--shared"]
+    (socket,) = flags["--executor-socket"]
+    assert executor["args"][executor["args"].index("--socket") + 1] == socket
+    # The shipped ConfigMap installs as it is, and with its commented-out keys switched on.
+    layout = install.Layout(
+        source="/etc/virtdp",
+        target="/host/etc/virtdp",
+        shared=tuple(flags["--shared"]),
+        executor_socket=socket,
+    )
+    keys = {k: v.encode() for k, v in cm["data"].items()}
+    assert install.check(keys, layout).pool_config == "/etc/virtdp/config.yaml"
+    switched = "\n".join(
+        (
+            line.lstrip("# ").split("  #")[0]
+            if re.match(r"# *(logFile|allowedPools|poolConfig):", line)
+            else line
+        )
+        for line in cm["data"]["ehost-device.yaml"].splitlines()
+    )
+    on = install.check(dict(keys, **{"ehost-device.yaml": switched.encode()}), layout)
+    assert on.allowed_pools == ("kernel.org/virt",) and on.log_file == example_log
 
 
 def test_serve_container_runs_the_wrapper_the_image_makes(deployments: Path) -> None:

@@ -47,8 +47,7 @@ def lab(fake_sysfs: FakeSysfs, netns):
     with namespaces("vdc") as (peer,):
         veth(netns, "eth1", peer, "p1", mac="52:54:00:00:00:01")
         veth(netns, "eth2", peer, "p2", mac="52:54:00:00:00:02")
-        ip("addr", "add", "198.51.100.2/24", "dev", "eth1", ns=netns.name)
-        ip("route", "add", "default", "via", "198.51.100.1", ns=netns.name)
+        ip("route", "add", "default", "dev", "eth1", ns=netns.name)
         fake_sysfs.add_virtio_nic("0000:00:0a.0", "eth1")
         fake_sysfs.add_virtio_nic("0000:00:0b.0", "eth2", legacy=True)
         fake_sysfs.add_virtio_nic("0000:00:0c.0", "eth3")
@@ -160,21 +159,30 @@ def test_missing_config_file_exits_2(tmp_path):
     assert "absent.yaml" in res.stderr
 
 
-def test_usage_errors_exit_2(tmp_path):
-    for args in (["-o", "xml"], ["--sysfs-root", str(tmp_path / "none")], ["--bogus"]):
+def test_usage_errors_exit_2(tmp_path, fake_sysfs: FakeSysfs):
+    missing = f"/var/run/netns/vdcmissing-{os.getpid()}"
+    for args in (
+        ["-o", "xml"],
+        ["--sysfs-root", str(tmp_path / "none")],
+        ["--sysfs-root", str(tmp_path)],  # exists, but is no sysfs tree
+        ["--sysfs-root", str(fake_sysfs), "--netns", missing],  # never created
+        ["--bogus"],
+        ["--verbose", "true"],  # a flag takes no value
+    ):
         res = discover(*args)
         assert (res.returncode, res.stdout) == (2, ""), args
-        assert res.stderr
+        assert len(res.stderr.splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "no bus/pci/devices" in discover("--sysfs-root", str(tmp_path)).stderr
+    assert not os.path.exists(missing)
 
 
 def test_failures_exit_1(tmp_path, fake_sysfs: FakeSysfs):
-    res = discover("--sysfs-root", str(tmp_path))  # exists, but is no sysfs tree
+    # A namespace file that is no namespace: the netlink read fails.
+    bogus = tmp_path / "not-a-netns"
+    bogus.write_text("")
+    res = discover("--sysfs-root", str(fake_sysfs), "--netns", str(bogus))
     assert (res.returncode, res.stdout) == (1, "")
-    assert "no bus/pci/devices" in res.stderr
-    missing = f"/var/run/netns/vdcmissing-{os.getpid()}"
-    res = discover("--sysfs-root", str(fake_sysfs), "--netns", missing)
-    assert (res.returncode, res.stdout) == (1, "")
-    assert missing in res.stderr and not os.path.exists(missing)
+    assert str(bogus) in res.stderr
 
 
 def test_version_and_help():

@@ -173,14 +173,22 @@ def test_bad_config_names_file_key_path_and_expectation(text, key_path, problem)
 
 
 def test_unreadable_and_non_utf8_files(tmp_path):
-    with pytest.raises(pools.ConfigError, match="cannot read the file"):
-        pools.load_config(str(tmp_path / "absent.yaml"))
+    absent = tmp_path / "absent.yaml"
+    with pytest.raises(pools.ConfigError) as e:
+        pools.load_config(str(absent))
+    # The whole message, so that its wording cannot drift ("expected readable a YAML file").
+    assert str(e.value) == (
+        f"{absent}: (top level): cannot read the file (No such file or directory), "
+        "expected a readable YAML file"
+    )
     with pytest.raises(pools.ConfigError, match="cannot read the file"):
         pools.load_config(str(tmp_path))  # a directory
     binary = tmp_path / "b.yaml"
     binary.write_bytes(b"pools: \xff\xfe\n")
-    with pytest.raises(pools.ConfigError, match="not UTF-8"):
+    with pytest.raises(pools.ConfigError) as e:
         pools.load_config(str(binary))
+    assert str(e.value).startswith(f"{binary}: (top level): not UTF-8 text (")
+    assert str(e.value).endswith("), expected a UTF-8 YAML file")
 
 
 def test_schema_describes_every_key_and_its_examples_validate():

@@ -39,13 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from e2e_figures import Figures
 from fakesysfs import FakeSysfs
 from netlab import Netns, ip, tag, veth
 from processes import start_time
 from testkubelet import TestKubelet
 from testpodresources import Container, Pod, PodResourcesServer, checkpoint_json
 from toolrun import node_policy, tool_command
+from virtdp_figures import Figures
 
 from virtcore import devinfo
 from virtcore.kubelet import deviceplugin_pb2, podresources

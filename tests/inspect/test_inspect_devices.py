@@ -129,3 +129,51 @@ def test_missing_directory_and_empty_directory(tmp_path):
     doc, proc = inspect_json("devices", "--device-plugin-dir", str(d))
     assert proc.returncode == 0 and doc["plugins"] == []
     assert "no device plugin sockets" in proc.stderr
+
+
+def test_nics_that_are_never_advertised_are_listed_with_the_reason(tmp_path, fake_sysfs, netns):
+    """The node's virtio NICs that the eligibility rule keeps out of every pool (the rule
+    virtdp-serve advertises by and ehost-device's ADD refuses by), each with its reason."""
+    from netlab import ip, namespaces, veth
+
+    d = _dir(tmp_path)
+    with namespaces("vid") as (peer,):
+        for name in ("eth1", "eth2", "eth3"):
+            veth(netns, name, peer, "p" + name)
+        ip("route", "add", "default", "dev", "eth1", ns=netns.name)
+        ip("addr", "add", "198.18.0.2/24", "dev", "eth2", ns=netns.name)
+        fake_sysfs.add_virtio_nic("0000:00:0a.0", "eth1")
+        fake_sysfs.add_virtio_nic("0000:00:0b.0", "eth2")
+        fake_sysfs.add_virtio_nic("0000:00:0c.0", "eth3")
+        fake_sysfs.add_virtio_nic("0000:00:0d.0", None, driver=None)
+        args = ["devices", "--device-plugin-dir", str(d), "--sysfs-root", str(fake_sysfs)]
+        args += ["--netns", netns.path]
+        doc, proc = inspect_json(*args)
+        table = inspect(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert doc["plugins"] == []
+    assert doc["excluded"] == [
+        {
+            "pci_address": "0000:00:0a.0",
+            "ifname": "eth1",
+            "reason": "carries the IPv4 default route",
+        },
+        {
+            "pci_address": "0000:00:0b.0",
+            "ifname": "eth2",
+            "reason": "the node routes through its address 198.18.0.2/24",
+        },
+        {
+            "pci_address": "0000:00:0d.0",
+            "ifname": None,
+            "reason": "no driver bound to the virtio device",
+        },
+    ]
+    lines = table.stdout.splitlines()
+    at = lines.index("# virtio NICs excluded")
+    assert lines[at + 1].split()[:3] == ["PCI", "ADDRESS", "IFNAME"]
+    assert [x.split()[0] for x in lines[at + 2 :]] == [
+        "0000:00:0a.0",
+        "0000:00:0b.0",
+        "0000:00:0d.0",
+    ]

@@ -1,33 +1,17 @@
 """Fixtures of the containerd suite: a node whose pods containerd's CRI makes (crilab.CriLab), one
-per test, and the session's figures (shared with tests/e2e: sandboxes run, NICs lost, leases
-leaked). A machine without containerd skips the suite with the reason; CI installs it."""
+per test, adding to the session's figures (the `virtdp_figures` plugin: sandboxes run, NICs
+lost, leases leaked). A machine without containerd skips the suite with the reason; CI installs
+it."""
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Iterator
 
 import containerd
 import pytest
 from crilab import MODES, CriLab
-
-# Under Pants tests/e2e is a source root of its own; in the dev loop it is not on the path.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "e2e"))
-
-import e2e_figures  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def figures(
-    request: pytest.FixtureRequest, record_testsuite_property
-) -> Iterator[e2e_figures.Figures]:
-    yield from e2e_figures.session_fixture(request.config, record_testsuite_property)
-
-
-def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:  # type: ignore[no-untyped-def]
-    e2e_figures.terminal_summary(terminalreporter, config)
+from virtdp_figures import Figures
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -49,7 +33,7 @@ def mode(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def lab(
-    request: pytest.FixtureRequest, tmp_path: Path, figures: e2e_figures.Figures, mode: str
+    request: pytest.FixtureRequest, tmp_path: Path, figures: Figures, mode: str
 ) -> Iterator[CriLab]:
     why = containerd.missing()
     if why:

@@ -9,7 +9,8 @@ Two things containerd 1.6 cannot move: shim sockets (`/run/containerd/s/<hash>`)
 result cache (`/var/lib/cni/results/<network>-<id>-<ifname>`). `close()` removes, in order,
 whatever is left of each: sandboxes (CRI Stop+Remove, so CNI DEL runs), containerd, our shims
 and the processes in our cgroups, mounts below the tmp dir, the cgroups runc made, our shim
-sockets and our network's result-cache entries. It runs every step even when one fails.
+sockets and the result-cache entries of our network and of our sandboxes' loopback. It runs
+every step even when one fails.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from virtcore.kubelet import channel
 K8S_NS = "k8s.io"
 SHIM_SOCKET_DIR = "/run/containerd/s"
 CNI_RESULTS = "/var/lib/cni/results"
+LOOPBACK_NETWORK = "cni-loopback"  # containerd's CRI plugin sets up `lo` through this network
 SANDBOX_IMAGE = "localhost/virtdp-test/busybox:1"
 BUSYBOX = "/bin/busybox"
 RPC_TIMEOUT = 60.0
@@ -582,10 +584,14 @@ class Containerd:
 
         @step
         def cni_cache() -> None:
-            if network is None or not os.path.isdir(CNI_RESULTS):
+            # Entries of our network, and of the loopback network the CRI plugin adds to every
+            # sandbox (libcni names them `<network>-<sandbox ID>-<ifname>`): a DEL removes them,
+            # so only sandboxes that never got one (a run killed mid-test) leave any.
+            if not os.path.isdir(CNI_RESULTS):
                 return
+            ours = {f"{LOOPBACK_NETWORK}-{tid}-lo" for tid in task_ids}
             for name in os.listdir(CNI_RESULTS):
-                if name.startswith(f"{network}-"):
+                if name in ours or (network is not None and name.startswith(f"{network}-")):
                     forced.append(f"CNI result cache {name}")
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(CNI_RESULTS, name))

@@ -65,6 +65,7 @@ class CriLab:
         self.namespaces: List[Netns] = []
         self.nics: Dict[str, Nic] = {}
         self.pods: List[Pod] = []
+        self.all_pods: List[Pod] = []  # every sandbox run, removed or not
         self.sandboxes_run = 0
         self.ctd: Optional[ctd.Containerd] = None
         self.executor: Optional[Executor] = None
@@ -240,6 +241,7 @@ class CriLab:
         pod.netns = self.cri.pod_netns(pod_id)
         pod.ip = self.cri.pod_status(pod_id).status.network.ip
         self.pods.append(pod)
+        self.all_pods.append(pod)
         return pod
 
     def stop_pod(self, pod: Pod) -> None:
@@ -303,10 +305,16 @@ class CriLab:
         )
 
     def cni_cache(self) -> List[str]:
-        """libcni's result-cache entries of this lab's network."""
+        """libcni's result-cache entries of this lab's network, and of the loopback network
+        containerd adds to each sandbox this lab ran."""
         if not os.path.isdir(ctd.CNI_RESULTS):
             return []
-        return sorted(n for n in os.listdir(ctd.CNI_RESULTS) if n.startswith(f"{self.network}-"))
+        loopback = {f"{ctd.LOOPBACK_NETWORK}-{pod.id}-lo" for pod in self.all_pods}
+        return sorted(
+            n
+            for n in os.listdir(ctd.CNI_RESULTS)
+            if n.startswith(f"{self.network}-") or n in loopback
+        )
 
     def pod_netns_files(self) -> List[str]:
         d = self.root / "state" / "io.containerd.grpc.v1.cri" / "netns"

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import configmap
 import containerd as ctd
 import cri_api_pb2 as api
 import podspec
@@ -36,6 +37,50 @@ CONFIG = "virtdp-config.yaml"
 NIC_PCI = "0000:00:0a.0"
 NIC_NAME = "eth1"
 NIC_MAC = "52:54:00:00:0a:01"
+EXECUTOR = "ehost-device-executor"
+
+# Run by `DaemonSetNode.on_host` with python3 inside `unshare --mount --propagation private`:
+# the node's paths over the machine's, in this private mount namespace only. A node path whose
+# directory the machine lacks is made in an overlay of its nearest existing ancestor (the upper
+# layer under the test's directory), so nothing is created on the machine itself; mounts below
+# that ancestor (/run/netns, ...) are carried over into the overlay.
+_HOST_VIEW = r"""
+import json, os, subprocess, sys
+spec = json.loads(sys.argv[1])
+def mount(*args):
+    subprocess.run(["mount", *args], check=True, capture_output=True)
+def points():
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4].encode().decode("unicode_escape") for line in f]
+ancestors = set()
+for target, _ in spec["binds"]:
+    a = target
+    while not os.path.isdir(a):
+        a = os.path.dirname(a)
+    if a != target:
+        assert a != "/", f"would overlay / for {target}"
+        ancestors.add(a)
+ancestors = {a for a in ancestors if not any(a.startswith(b + "/") for b in ancestors)}
+for i, a in enumerate(sorted(ancestors)):
+    below = sorted({m for m in points() if m.startswith(a + "/")})
+    top = [m for m in below if not any(m.startswith(o + "/") for o in below)]
+    staged = []
+    for j, m in enumerate(top):
+        stage = os.path.join(spec["scratch"], f"stage{i}-{j}")
+        os.makedirs(stage) if os.path.isdir(m) else open(stage, "w").close()
+        mount("--rbind", m, stage)
+        staged.append((stage, m))
+    upper, work = (os.path.join(spec["scratch"], f"{k}{i}") for k in ("upper", "work"))
+    os.makedirs(upper)
+    os.makedirs(work)
+    mount("-t", "overlay", "overlay", "-o", f"lowerdir={a},upperdir={upper},workdir={work}", a)
+    for stage, m in staged:
+        mount("--move", stage, m)
+for target, source in spec["binds"]:
+    os.makedirs(target, exist_ok=True)
+    mount("--bind", source, target)
+os.execvp("nsenter", ["nsenter", "--net=" + spec["netns"], "--", *spec["argv"]])
+"""
 
 Doc = Dict[str, Any]
 
@@ -285,3 +330,59 @@ class DaemonSetNode:
     def http_get(self, url: str) -> Tuple[int, str]:
         """GET from the node's network namespace (where the kubelet's probes come from)."""
         return http_get(self.node, url)
+
+    def run_init(self, name: str, timeout: float = 120) -> Any:
+        """Run init container `name` to its end; its status."""
+        cid = self.create(name)
+        self.start_container(cid)
+        return self.wait_exited(cid, timeout=timeout)
+
+    def run_container(self, name: str) -> str:
+        cid = self.create(name)
+        self.start_container(cid)
+        return cid
+
+    def add_nic(self, pci_address: str, name: str, mac: str) -> None:
+        """Another spare virtio NIC of the node: its netdev and its PCI tree in sysfs."""
+        veth(self.node, name, self.peer, f"p{tag(6)}", mac=mac)
+        self.fake.add_virtio_nic(pci_address, name, mac=mac)
+
+    def edit_config_map(self, volume: str, data: Dict[str, str]) -> bool:
+        """Update a configMap volume as the kubelet does after an edit (the `..data` swap)."""
+        return configmap.project(self.pod.volumes[volume], data)
+
+    def on_host(
+        self, argv: List[str], *, env: Dict[str, str], input: str = "", timeout: float = 120
+    ) -> subprocess.CompletedProcess:
+        """Run `argv` as a process on this node's host, as a container runtime runs a CNI
+        plugin: in the node's network namespace, seeing the test's stand-in of every host path
+        the executor container mounts at its node path (the fake sysfs at /sys)."""
+        binds = []
+        for m in self.pod.container(EXECUTOR)["volumeMounts"]:
+            (volume,) = (v for v in self.spec["volumes"] if v["name"] == m["name"])
+            if "hostPath" in volume:
+                path = volume["hostPath"]["path"]
+                binds.append((os.path.realpath(path), str(self.host_path(path))))
+        scratch = Path(tempfile.mkdtemp(prefix="host-view-", dir=self.root))
+        spec = {"binds": binds, "scratch": str(scratch), "netns": self.node.path, "argv": argv}
+        try:
+            return subprocess.run(
+                [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "--",
+                    "python3",
+                    "-c",
+                    _HOST_VIEW,
+                    json.dumps(spec),
+                ],
+                env=env,
+                input=input,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)

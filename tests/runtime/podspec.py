@@ -6,9 +6,10 @@ Follows the kubelet's kuberuntime (`generatePodSandboxConfig`, `generateContaine
 sandbox and every container; runAsUser, readOnlyRootFilesystem, privileged and capabilities as
 they are; allowPrivilegeEscalation: false -> no_new_privs; limits -> CFS quota over a 100 ms
 period and a memory limit; a hostPath volume is its path (here: where the test keeps it), an
-emptyDir a fresh directory of the pod, a configMap a directory holding its keys as files,
-mounted read-only. A key of the pod spec this module does not know fails the translation: the
-test breaks when the manifest grows something it does not run.
+emptyDir a fresh directory of the pod, a configMap a directory laid out as the kubelet's
+AtomicWriter does (tests/configmap.py), mounted read-only. A key of the pod spec this module
+does not know fails the translation: the test breaks when the manifest grows something it does
+not run.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
+import configmap
 import cri_api_pb2 as api
 
 Doc = Dict[str, Any]
@@ -140,9 +142,8 @@ def lay_out(
         elif "configMap" in v:
             path = root / "volumes" / "kubernetes.io~configmap" / vname
             path.mkdir(parents=True)
-            data = config_maps[v["configMap"]["name"]]
-            for key, text in data.items():
-                (path / key).write_text(text)
+            # As the kubelet writes it: keys are symlinks through `..data` (tests/configmap.py).
+            configmap.project(path, config_maps[v["configMap"]["name"]])
             volumes[vname] = path
             read_only.add(vname)  # the kubelet mounts configMap volumes read-only
         else:

@@ -2,22 +2,27 @@
 containerd as deployments/virtdp-daemonset.yaml says: the init container installs ehost-device
 into the node's CNI bin directory, virtdp-serve reads the node's (fake) sysfs and registers with
 the test kubelet, answers its probes and removes its sockets on SIGTERM; virtdp-inspect and
-virtdp-discover run in the container by ExecSync. Every CRI config comes from the manifest
-(tests/runtime/podspec.py), so a manifest change the image cannot follow fails here."""
+virtdp-discover run in the container by ExecSync. The node policy: every option the ConfigMap
+documents, set in turn by an edit of the mounted ConfigMap, reaches the host through policy-sync
+and holds for a CNI call run on the host and for one the executor container serves. Every CRI
+config comes from the manifest (tests/runtime/podspec.py), so a manifest change the image cannot
+follow fails here."""
 
 from __future__ import annotations
 
 import json
+import re
 import stat
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Dict, Iterator
 
-import e2e_figures
 import imagelab
 import pytest
 from imagelab import NIC_NAME, NIC_PCI, BuiltImage, DaemonSetNode
+from virtdp_figures import Figures
 
 RESOURCE = "kernel.org/virt"
 
@@ -37,9 +42,7 @@ def image(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture
-def node(
-    repo_root: Path, image: BuiltImage, figures: e2e_figures.Figures
-) -> Iterator[DaemonSetNode]:
+def node(repo_root: Path, image: BuiltImage, figures: Figures) -> Iterator[DaemonSetNode]:
     n = DaemonSetNode(repo_root, image)
     try:
         n.start()
@@ -48,8 +51,9 @@ def node(
         figures.add(image_containers=n.containers_run, cri_sandboxes=1 if n.pod_id else 0)
         if n.ctd is not None:
             print("--- containerd log (tail) ---\n" + n.ctd.log_tail())
-        for name in ("install-cni", "virtdp-serve"):
+        for name in ("install-policy", "install-cni", "virtdp-serve", "policy-sync"):
             print(f"--- {name} log ---\n" + n.log(name))
+        print(f"--- {imagelab.EXECUTOR} log ---\n" + n.log(imagelab.EXECUTOR))
         n.close()
 
 
@@ -180,98 +184,210 @@ def test_translation_refuses_what_it_cannot_run(repo_root: Path) -> None:
         podspec.lay_out("virtdp", spec, Path("/nonexistent"), host_path=Path, config_maps={})
 
 
-def test_install_policy_puts_the_node_policy_where_the_plugin_reads_it(
+# -- the node policy: every documented option, on the host and through the executor ------------
+
+NIC2_PCI = "0000:00:0b.0"
+NIC2_NAME = "eth2"
+NIC2_MAC = "52:54:00:00:0b:01"
+# NIC 2 in a pool of its own, before the catch-all one (first match wins).
+TWO_POOLS = f"""pools:
+  - resourceName: kernel.org/virt-b
+    selectors: {{pciAddresses: ["{NIC2_PCI}"]}}
+  - resourceName: kernel.org/virt
+    selectors: {{drivers: [virtio_net]}}
+"""
+# The same two NICs the other way round, under another key (for poolConfig).
+SWAPPED_POOLS = f"""pools:
+  - resourceName: kernel.org/virt
+    selectors: {{pciAddresses: ["{NIC2_PCI}"]}}
+  - resourceName: kernel.org/virt-a
+    selectors: {{drivers: [virtio_net]}}
+"""
+LOG_FILE = "/var/log/virtdp/ehost-device.log"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One setting of the ConfigMap's node policy and what each CNI call must then do."""
+
+    name: str
+    policy: str
+    admitted: str = NIC_PCI  # the NIC an ADD may take
+    refused: str = ""  # a NIC an ADD must refuse with 110 ("" = none tried)
+    executor: bool = True  # whether calls without EHOST_DEVICE_SOCKET reach the executor
+    logs_to_stderr: bool = True  # ADD's info line on the call's stderr
+    extra: Dict[str, str] = field(default_factory=dict)  # more ConfigMap keys
+
+
+CASES = [
+    Case("shipped", "logLevel: info\n"),
+    Case("logLevel", "logLevel: error\n", logs_to_stderr=False),
+    Case("logFile", f"logFile: {LOG_FILE}\n", logs_to_stderr=False),
+    Case("sysfsRoot", "sysfsRoot: /sys\n"),
+    Case("executorSocket off", "executorSocket: ''\n", executor=False),
+    Case("executorSocket", "executorSocket: /run/virtdp/ehost-device.sock\n"),
+    Case("allowedPools", "allowedPools: [kernel.org/virt]\n", refused=NIC2_PCI),
+    Case(
+        "poolConfig",
+        "allowedPools: [kernel.org/virt]\npoolConfig: /etc/virtdp/pools.yaml\n",
+        admitted=NIC2_PCI,
+        refused=NIC_PCI,
+        extra={"pools.yaml": SWAPPED_POOLS},
+    ),
+]
+
+
+def executor_calls(node: DaemonSetNode, port: int) -> Dict[str, float]:
+    """The executor's ehost_device_calls_total by (command, result)."""
+    code, text = node.http_get(f"http://127.0.0.1:{port}/metrics")
+    assert code == 200, text
+    return {
+        f"{m.group(1)} {m.group(2)}": float(m.group(3))
+        for m in re.finditer(
+            r'^ehost_device_calls_total\{command="(\w+)",result="([\w-]+)"\} (\S+)$',
+            text,
+            re.M,
+        )
+    }
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> float:
+    """Seconds until `check()` holds."""
+    t0 = time.monotonic()
+    while not check():
+        assert time.monotonic() - t0 < timeout, f"{what}: not after {timeout}s"
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def test_every_policy_option_works_on_the_host_and_through_the_executor(
     node: DaemonSetNode,
 ) -> None:
-    cid = node.create("install-policy")
-    node.start_container(cid)
-    st = node.wait_exited(cid, timeout=60)
-    assert st.exit_code == 0, node.log("install-policy")
-    installed = node.host_path("/etc/virtdp/ehost-device.yaml")
-    assert stat.S_IMODE(installed.stat().st_mode) == 0o644
-    (cm,) = (d for d in imagelab.manifest(node.repo_root, "virtdp-config.yaml"))
-    assert installed.read_text() == cm["data"]["ehost-device.yaml"]
+    """The DaemonSet's pod with each documented option of the ConfigMap's node policy set in
+    turn, by an edit of the mounted ConfigMap as the kubelet makes it: policy-sync installs it
+    on the host, and a CNI ADD and DEL run through the ehost-device install-cni put on the host,
+    once in-process on the host and once handed to the executor container. An edit that does
+    not check out is refused, and the installed files stay."""
+    from netlab import Netns
 
-
-def test_executor_container_serves_a_cni_add_run_on_the_host(node: DaemonSetNode) -> None:
-    """The DaemonSet's ehost-device-executor container serves its socket in the host's
-    /run/virtdp; the plugin the init container installed, run on the host as a runtime runs it,
-    hands it the call; the NIC goes into the pod and comes back."""
-    from netlab import Netns, ip
-
-    for init in ("install-cni", "install-policy"):
-        cid = node.create(init)
-        node.start_container(cid)
-        assert node.wait_exited(cid, timeout=60).exit_code == 0, node.log(init)
+    (cm,) = imagelab.manifest(node.repo_root, imagelab.CONFIG)
+    data = dict(cm["data"])
+    # Init containers in the manifest's order: the policy first, then the plugin.
+    for init in [c["name"] for c in node.pod.containers("initContainers")]:
+        st = node.run_init(init)
+        assert st.exit_code == 0, f"{init} exited {st.exit_code}: {node.log(init)}"
+    host_policy = node.host_path("/etc/virtdp/ehost-device.yaml")
+    for key, text in data.items():
+        installed = node.host_path(f"/etc/virtdp/{key}")
+        assert installed.read_text() == text and stat.S_IMODE(installed.stat().st_mode) == 0o644
     bin_dir = node.host_path("/opt/cni/bin")
-    # The IPAM plugin runs in the executor's container, from the request's CNI_PATH: the
-    # host's CNI bin directory, which the container mounts at the same path.
+    # The IPAM plugin runs where the call runs, from CNI_PATH: the host's CNI bin directory,
+    # which the executor container mounts at the same path.
     host_local = bin_dir / "host-local"
     host_local.write_bytes(Path("/usr/lib/cni/host-local").read_bytes())
     host_local.chmod(0o755)
+    node.add_nic(NIC2_PCI, NIC2_NAME, NIC2_MAC)
+    names = {NIC_PCI: NIC_NAME, NIC2_PCI: NIC2_NAME}
 
-    executor = node.create("ehost-device-executor")
-    node.start_container(executor)
+    sync = node.run_container("policy-sync")
+    executor = node.run_container(imagelab.EXECUTOR)
+    probe = node.pod.container(imagelab.EXECUTOR)["readinessProbe"]["exec"]["command"]
+    wait_for("executor ready", lambda: node.exec(executor, *probe)[0] == 0, timeout=120)
     sock = node.host_path("/run/virtdp/ehost-device.sock")
-    deadline = time.monotonic() + 120
-    while True:  # the manifest's readiness probe, run as the kubelet would
-        code, _, _ = node.exec(
-            executor,
-            "/opt/virtdp/ehost-device.pex",
-            "probe",
-            "--socket",
-            "/run/virtdp/ehost-device.sock",
-        )
-        if code == 0:
-            break
-        assert time.monotonic() < deadline, node.log("ehost-device-executor")
-        time.sleep(0.5)
     assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+    wait_for("policy-sync watching", lambda: "watching" in node.log("policy-sync"))
+    port = node.pod.container(imagelab.EXECUTOR)["ports"][0]["containerPort"]
+    leases = node.host_path("/var/lib/cni/networks/virtdp-net")
 
     pod = Netns("vimgpod")
-    try:
+
+    def cni(command: str, pci: str, cid: str, in_process: bool) -> subprocess.CompletedProcess:
         conf = {
             "cniVersion": "1.0.0",
             "name": "virtdp-net",
             "type": "ehost-device",
-            "deviceID": NIC_PCI,
+            "deviceID": pci,
             "ipam": {"type": "host-local", "ranges": [[{"subnet": "198.51.100.0/24"}]]},
         }
+        env = {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": cid,
+            "CNI_NETNS": pod.path,
+            "CNI_IFNAME": "net1",
+            "CNI_PATH": "/opt/cni/bin",
+        }
+        if in_process:
+            env["EHOST_DEVICE_SOCKET"] = ""  # the runtime's switch: this call stays on the host
+        return node.on_host(["/opt/cni/bin/ehost-device"], env=env, input=json.dumps(conf))
 
-        def cni(command: str) -> subprocess.CompletedProcess:
-            env = {
-                "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                "CNI_COMMAND": command,
-                "CNI_CONTAINERID": "imagetest",
-                "CNI_NETNS": pod.path,
-                "CNI_IFNAME": "net1",
-                # Paths as the executor's container sees them: the host's CNI bin directory.
-                "CNI_PATH": "/opt/cni/bin",
-                "EHOST_DEVICE_SOCKET": str(sock),
+    latencies = []
+    try:
+        for case in CASES:
+            data = {
+                **data,
+                "config.yaml": TWO_POOLS,
+                "ehost-device.yaml": case.policy,
+                **case.extra,
             }
-            return node.node.exec(
-                str(bin_dir / "ehost-device"), env=env, input=json.dumps(conf), check=False
+            node.edit_config_map("config", data)
+            latencies.append(
+                wait_for(
+                    f"{case.name}: policy on the host",
+                    lambda want=case.policy: host_policy.read_text() == want,
+                )
             )
+            for in_process in (True, False):
+                via = "host" if in_process else "executor"
+                cid = f"{case.name.replace(' ', '-')}-{via}"
+                before = executor_calls(node, port)
+                expect_executor = case.executor and not in_process
+                add = cni("ADD", case.admitted, cid, in_process)
+                what = f"{case.name} via {via}"
+                assert add.returncode == 0, f"{what}: {add.stdout}{add.stderr}"
+                assert "net1" in pod.links() and names[case.admitted] not in node.node.links()
+                assert list(leases.glob("198.51.100.*")), f"{what}: no lease in the host's dir"
+                assert (f"ADD {cid}:" in add.stderr) == case.logs_to_stderr, add.stderr
+                if case.refused:
+                    other = cni("ADD", case.refused, f"{cid}-refused", in_process)
+                    assert other.returncode != 0
+                    assert json.loads(other.stdout)["code"] == 110, other.stdout
+                    assert "not in a pool the node policy allows" in other.stdout
+                    assert names[case.refused] in node.node.links(), f"{what}: NIC moved"
+                delete = cni("DEL", case.admitted, cid, in_process)
+                assert delete.returncode == 0, f"{what}: {delete.stdout}{delete.stderr}"
+                assert names[case.admitted] in node.node.links() and "net1" not in pod.links()
+                assert not list(leases.glob("198.51.100.*")), f"{what}: lease left"
+                after = executor_calls(node, port)
+                served = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                want = {"ADD ok": 1, "DEL ok": 1}
+                if case.refused:
+                    want["ADD error-110"] = 1
+                got = {k: v for k, v in served.items() if v}
+                assert got == (want if expect_executor else {}), f"{what}: executor served {got}"
+                if case.name == "logFile":
+                    log = node.host_path(LOG_FILE).read_text()
+                    assert f"ADD {cid}:" in log and f"DEL {cid}:" in log, log
 
-        add = cni("ADD")
-        assert add.returncode == 0, add.stdout + add.stderr + node.log("ehost-device-executor")
-        assert "net1" in pod.links() and NIC_NAME not in node.node.links()
-        (addr,) = json.loads(add.stdout)["ips"]
-        assert addr["address"].startswith("198.51.100.")
-        # The executor did it, not the front itself: its metrics (the manifest's port) count it.
-        port = node.pod.container("ehost-device-executor")["ports"][0]["containerPort"]
-        code, metrics = node.http_get(f"http://127.0.0.1:{port}/metrics")
-        assert code == 200 and 'ehost_device_calls_total{command="ADD",result="ok"} 1.0' in metrics
-        # host-local's lease is in the host's /var/lib/cni, mounted into the container.
-        assert list(node.host_path("/var/lib/cni/networks/virtdp-net").glob("198.51.100.*"))
-        delete = cni("DEL")
-        assert delete.returncode == 0, delete.stdout + delete.stderr
-        assert NIC_NAME in node.node.links() and "net1" not in pod.links()
-        assert not list(node.host_path("/var/lib/cni/networks/virtdp-net").glob("198.51.100.*"))
-        ip("link", "show", NIC_NAME, ns=node.node.name)
+        # An edit that does not check out: refused and logged, the installed files stay.
+        good = {p.name: p.read_text() for p in host_policy.parent.iterdir()}
+        node.edit_config_map(
+            "config", {**data, "ehost-device.yaml": "allowedPools: [kernel.org/nope]\n"}
+        )
+        wait_for("the refusal", lambda: "refused" in node.log("policy-sync"))
+        assert "allowedPools[0]: 'kernel.org/nope' is not a pool" in node.log("policy-sync")
+        assert {p.name: p.read_text() for p in host_policy.parent.iterdir()} == good
     finally:
         pod.close()
-    node.stop_container(executor)
-    st = node.wait_exited(executor, timeout=60)
-    assert st.exit_code == 0, node.log("ehost-device-executor")
+    # At rest: one process waiting in one blocking read.
+    code, status, _ = node.exec(sync, "cat", "/proc/1/status")
+    rss = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))
+    print(
+        f"policy-sync at rest: {rss} kB resident; edits reached the host file in "
+        f"{max(latencies) * 1000:.0f} ms at most (after the kubelet's update)"
+    )
+    for name, cid in (("policy-sync", sync), (imagelab.EXECUTOR, executor)):
+        node.stop_container(cid)
+        st = node.wait_exited(cid, timeout=60)
+        assert st.exit_code == 0, f"{name} exited {st.exit_code}: {node.log(name)}"
     assert not sock.exists(), "the executor left its socket behind"

@@ -75,7 +75,8 @@ def test_stop_gives_the_nic_back_and_remove_changes_nothing(lab, pair):
     a, _ = pair
     pod = lab.run_pod(a)
     assert lab.in_pod(pod, a)
-    assert len(lab.cni_cache()) == 1  # libcni's cached result: StopPodSandbox's prevResult
+    # libcni's cached results (StopPodSandbox's prevResult): our network's and the loopback's.
+    assert [n.split("-")[0] for n in lab.cni_cache()] == ["cni", "vcri"], lab.cni_cache()
 
     lab.stop_pod(pod)  # DEL with CNI_NETNS and the cached prevResult
     assert lab.home(a)
@@ -237,11 +238,22 @@ def test_a_run_killed_mid_test_is_swept_by_the_next(tmp_path):
     assert stale.shims()  # its pod outlived it
     shim_sockets = [stale.shim_socket(t) for t in stale.task_ids()]
     assert shim_sockets and all(os.path.exists(s) for s in shim_sockets)
+    # libcni's cache entry of the sandbox's loopback (containerd's CRI plugin sets up `lo`
+    # through libcni too): no DEL will ever remove it.
+    loopback = [
+        f"{containerd.LOOPBACK_NETWORK}-{t}-lo"
+        for t in stale.task_ids()
+        if os.path.exists(
+            os.path.join(containerd.CNI_RESULTS, f"{containerd.LOOPBACK_NETWORK}-{t}-lo")
+        )
+    ]
+    assert loopback, os.listdir(containerd.CNI_RESULTS)
 
     containerd.sweep_stale()
     assert not os.path.exists(root)
     assert stale.shims() == []
     assert not any(os.path.exists(s) for s in shim_sockets)
+    assert not any(os.path.exists(os.path.join(containerd.CNI_RESULTS, n)) for n in loopback)
     assert not any(socket in _cmdline(p) for p in _pids("containerd"))
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(ns in left for ns in namespaces.split())

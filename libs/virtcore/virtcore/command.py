@@ -1,5 +1,6 @@
-"""What the three typer CLIs share: exit codes, output formats, the --version option, and
-running an app so that every error is one plain line on stderr, never a traceback.
+"""What the three typer CLIs share: the app itself (plain help), exit codes, output formats, the
+options they have in common (--config, --sysfs-root, --netns, -o, --version), and running an app
+so that every error is one plain line on stderr, never a traceback.
 
 (ehost-device is not a typer CLI: it speaks the CNI protocol and must start lean.)
 """
@@ -9,7 +10,8 @@ from __future__ import annotations
 import enum
 import os
 import sys
-from typing import Any, Callable, List, Optional
+from pathlib import Path
+from typing import Annotated, Any, Callable, List, Optional
 
 import typer
 
@@ -22,6 +24,61 @@ class Output(str, enum.Enum):
     table = "table"
     json = "json"
     yaml = "yaml"
+
+
+def app(*, help: Optional[str] = None, no_args_is_help: bool = False) -> typer.Typer:
+    """A typer app with click's plain help: typer's rich help panel shows a `<bool>` value after
+    every on/off flag (as if `--verbose true` were the way to pass one) and cuts long defaults
+    at the terminal's width; the plain one wraps them."""
+    return typer.Typer(
+        help=help,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+        no_args_is_help=no_args_is_help,
+    )
+
+
+def _sysfs_tree(value: Path) -> Path:
+    if not (value / "bus" / "pci" / "devices").is_dir():
+        raise typer.BadParameter(
+            f"{value} is not a sysfs tree (no bus/pci/devices), expected /sys or a captured tree"
+        )
+    return value
+
+
+def config_option(note: str = "") -> Any:
+    """--config FILE, the pool config; `note` says more about how the tool reads it."""
+    more = f", {note}" if note else ""
+    return typer.Option(
+        "--config",
+        metavar="FILE",
+        help=f"Pool config (YAML){more}. Default: one pool kernel.org/virt of all eligible NICs.",
+    )
+
+
+ConfigOpt = Annotated[Optional[Path], config_option()]
+SysfsRootOpt = Annotated[
+    Path,
+    typer.Option(
+        "--sysfs-root",
+        metavar="DIR",
+        callback=_sysfs_tree,
+        help="sysfs tree to read (a captured or fake one).",
+    ),
+]
+NetnsOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--netns",
+        metavar="PATH",
+        exists=True,
+        dir_okay=False,
+        help="The host network namespace to read links and routes in, when not the one this "
+        "runs in (e.g. /var/run/netns/x; never created).",
+    ),
+]
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table, json or yaml.")]
 
 
 def version_option(prog: str, version: str) -> Any:

@@ -1,17 +1,25 @@
-"""The node's virtio NIC inventory: PCI facts from sysfs joined with link state and default
-routes from netlink, and whether each NIC may be handed to pods (and if not, why).
+"""The node's virtio NIC inventory: PCI facts from sysfs joined with link state, routes and
+addresses from netlink, and whether each NIC may be handed to pods (and if not, why).
+
+`exclusion` is the one rule that says whether a NIC may go to a pod. virtdp-discover and
+virtdp-serve (through `discover`) and ehost-device's ADD (through `describe`) all decide with
+it, so the device plugin never advertises a NIC the CNI plugin would refuse.
 
 The inventory comes from the PCI and virtio buses, so a NIC whose netdev was moved into a pod's
-namespace is still listed, as not visible here.
+namespace is still listed, as not visible here. This module is on ehost-device's ADD path:
+stdlib only, Python 3.9+ (`pools` is imported only when a pool policy is given).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple
 
 from virtcore import netlink, sysfs
+
+if TYPE_CHECKING:
+    from virtcore.pools import Config
 
 
 class DiscoveryError(RuntimeError):
@@ -39,6 +47,15 @@ class Nic:
     excluded_reason: Optional[str]  # why not eligible (None when eligible)
     problems: Tuple[str, ...]  # what could not be read
     pool: Optional[str] = None  # resource name of the pool it is in, set by pools.assign
+
+
+@dataclass(frozen=True)
+class PoolPolicy:
+    """Only NICs in these pools may go to pods (ehost-device's node policy, `allowedPools`)."""
+
+    config: Config  # the pool config the names refer to
+    allowed: Tuple[str, ...]
+    source: str  # where the restriction comes from (the policy file), for the reason
 
 
 def _match_link(
@@ -71,10 +88,12 @@ def _match_link(
 
 
 def exclusion(
-    fn: sysfs.VirtioNic, families: Tuple[str, ...], in_use: Tuple[str, ...] = ()
+    fn: sysfs.VirtioNic, link: Optional[netlink.Link], snap: netlink.Snapshot
 ) -> Optional[str]:
-    """Why the NIC may not be handed to pods (None: it may). `families`: the default routes its
-    link carries; `in_use`: its addresses the node's routes use (netlink.Snapshot)."""
+    """Why the NIC may not be handed to pods (None: it may). The one rule: a virtio-net PCI
+    function whose virtio device virtio_net drives, and which the node does not use itself: no
+    default route (any table, IPv4 or IPv6, single- or multi-path) and no address the node's
+    routes use goes out through its netdev `link` (None: not in this namespace, e.g. in a pod)."""
     reasons = []
     if fn.vendor is None or fn.device is None:
         reasons.append("PCI vendor/device IDs unreadable")
@@ -84,16 +103,37 @@ def exclusion(
         reasons.append("no virtio device under the PCI function")
     elif fn.driver is None:
         reasons.append("no driver bound to the virtio device")
-    if families:
-        reasons.append(f"carries the {' and '.join(families)} default route")
-    if in_use:
-        reasons.append(f"the node routes through its address {', '.join(in_use)}")
+    elif fn.driver != "virtio_net":
+        reasons.append(f"its virtio device is bound to {fn.driver}, not virtio_net")
+    if link is not None:
+        families = snap.default_routes.get(link.index, ())
+        if families:
+            reasons.append(f"carries the {' and '.join(families)} default route")
+        in_use = snap.addresses_in_use.get(link.index, ())
+        if in_use:
+            reasons.append(f"the node routes through its address {', '.join(in_use)}")
     return "; ".join(reasons) or None
 
 
-def describe(fn: sysfs.VirtioNic, snap: netlink.Snapshot) -> Nic:
-    """One PCI function as an inventory entry, its link found in `snap`."""
-    return _nic(fn, snap, snap.by_parent("virtio"), snap.by_name())
+def describe(
+    fn: sysfs.VirtioNic, snap: netlink.Snapshot, *, policy: Optional[PoolPolicy] = None
+) -> Nic:
+    """One PCI function as an inventory entry, its link found in `snap`; with `policy`, a NIC
+    outside its allowed pools is not eligible either (and `pool` says which pool it is in)."""
+    nic = _nic(fn, snap, snap.by_parent("virtio"), snap.by_name())
+    if policy is None or not nic.eligible:
+        return nic
+    from virtcore import pools
+
+    (nic,) = pools.assign(policy.config, [nic])
+    if nic.pool in policy.allowed:
+        return nic
+    where = f"pool {nic.pool}" if nic.pool else "no pool"
+    reason = (
+        f"it is in {where} of {policy.config.source}, and {policy.source} allows only "
+        f"{', '.join(policy.allowed)}"
+    )
+    return replace(nic, eligible=False, excluded_reason=reason)
 
 
 def _nic(
@@ -104,10 +144,7 @@ def _nic(
 ) -> Nic:
     problems = list(fn.problems)
     link = _match_link(fn, by_parent, by_name, problems)
-    families = snap.default_routes.get(link.index, ()) if link else ()
-    # Addresses the node routes with do not exclude a NIC here (an operator may pool an
-    # addressed NIC); ehost-device's guard refuses to move one (`exclusion(..., in_use)`).
-    reason = exclusion(fn, families)
+    reason = exclusion(fn, link, snap)
     return Nic(
         pci_address=fn.pci_address,
         virtio_name=fn.virtio_name,
@@ -123,7 +160,7 @@ def _nic(
         carrier=link.carrier if link else None,
         admin_up=link.admin_up if link else None,
         visible=link is not None,
-        default_route=bool(families),
+        default_route=bool(link and snap.default_routes.get(link.index)),
         eligible=reason is None,
         excluded_reason=reason,
         problems=tuple(problems),

@@ -3,10 +3,9 @@ events.
 
 One `snapshot()` opens one netlink socket, in the current network namespace (a stdlib socket
 and decoder here) or inside a named one (pyroute2, which opens its socket there; the calling
-thread never switches namespace), and reads every link (or only the named ones) and every
-IPv4/IPv6 default route of every routing table. `read(ipr)` reads the same, and which links'
-addresses the node's routes use, through a pyroute2 socket the caller already has (ehost-device's
-guard).
+thread never switches namespace), and reads every link (or only the named ones), every IPv4/IPv6
+route of every routing table and every address: what `discovery.exclusion` needs to say whether
+a NIC is the node's own (a default route, an address the node routes with).
 `event_socket()` subscribes to link and route changes of the current namespace (stdlib only,
 non-blocking, for a selector) and `parse_events()` decodes what it receives.
 """
@@ -17,7 +16,6 @@ import errno
 import os
 import socket
 import struct
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -48,12 +46,20 @@ class Snapshot:
     links: Tuple[Link, ...]
     # ifindex -> ("IPv4",), ("IPv6",) or ("IPv4", "IPv6"): the default routes a link carries.
     default_routes: Mapping[int, Tuple[str, ...]]
-    # ifindex -> the link's addresses (CIDR) that the node's routes use (`read` only).
+    # ifindex -> the link's addresses (CIDR) that the node's routes use.
     addresses_in_use: Mapping[int, Tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def default_route_ifindexes(self) -> FrozenSet[int]:
         return frozenset(self.default_routes)
+
+    @classmethod
+    def of(cls, links: Tuple[Link, ...], routes: List[Any], addrs: List[Any]) -> Snapshot:
+        return cls(
+            links=links,
+            default_routes=default_routes(routes),
+            addresses_in_use=addresses_in_use(addrs, routes),
+        )
 
     def by_name(self) -> Dict[str, Link]:
         return {link.name: link for link in self.links}
@@ -108,8 +114,10 @@ RT_SCOPE_LINK = 253
 def addresses_in_use(addrs: Iterable[Any], routes: Iterable[Any]) -> Dict[int, Tuple[str, ...]]:
     """ifindex -> the link's own addresses (not link-local) that the node routes with: the link
     is the output of a route outside the `local` table (an address's prefix route, a static
-    route), or one of its addresses is some route's preferred source. A NIC the node talks
-    through this way is the node's own, whatever its default routes say."""
+    route), or one of its addresses is some route's preferred source (an IPv4 address is always
+    the source of its own `local` route). A NIC the node talks through this way is the node's
+    own, whatever its default routes say. `addrs`: {index, prefixlen, scope, address};
+    `routes`: {table, prefsrc, oif, multipath} as `_decode_route` and `_plain_route` make them."""
     own: Dict[int, Dict[str, str]] = {}  # ifindex -> address -> CIDR
     for a in addrs:
         address = a.get("address")
@@ -119,10 +127,9 @@ def addresses_in_use(addrs: Iterable[Any], routes: Iterable[Any]) -> Dict[int, T
     routed: Set[int] = set()
     sources: Set[str] = set()
     for r in routes:
-        table = r.get("table") or r["table"]
         if r.get("prefsrc"):
-            sources.add(r.get("prefsrc"))
-        if table == RT_TABLE_LOCAL:
+            sources.add(r["prefsrc"])
+        if r.get("table") == RT_TABLE_LOCAL:
             continue
         for oif in [r.get("oif")] + [hop.get("oif") for hop in r.get("multipath") or ()]:
             if oif:
@@ -136,45 +143,34 @@ def addresses_in_use(addrs: Iterable[Any], routes: Iterable[Any]) -> Dict[int, T
     return out
 
 
-def _netlink_error() -> Any:
-    # Already loaded (ehost-device loads pyroute2 without its package __init__): reuse it, as a
-    # fresh `from pyroute2... import` could run that __init__ (~140 ms).
-    loaded = sys.modules.get("pyroute2.netlink.exceptions")
-    if loaded is not None:
-        return loaded.NetlinkError
-    from pyroute2.netlink.exceptions import NetlinkError
+def _plain_route(msg: Any) -> Dict[str, Any]:
+    """A pyroute2 route message as the plain dict `_decode_route` makes."""
+    hops = [{"oif": hop.get("oif")} for hop in msg.get("multipath") or ()]
+    return {
+        "family": msg["family"],
+        "dst_len": msg["dst_len"],
+        "type": msg["type"],
+        "table": msg.get("table") or msg["table"],
+        "oif": msg.get("oif"),
+        "prefsrc": msg.get("prefsrc"),
+        "multipath": hops,
+    }
 
-    return NetlinkError
 
-
-def read(ipr: Any) -> Snapshot:
-    """Every link, route and address through an open IPRoute socket, boiled down to a
-    Snapshot. Raises NetlinkReadError."""
-    NetlinkError = _netlink_error()
-    try:
-        links = tuple(_link(m) for m in ipr.get_links())
-        # AF_UNSPEC dumps only IPv4 routes; ask per family. A dump covers every table.
-        routes = list(ipr.route("dump", family=socket.AF_INET))
-        try:
-            routes += list(ipr.route("dump", family=socket.AF_INET6))
-        except NetlinkError as e:
-            if e.code != errno.EAFNOSUPPORT:  # IPv6 disabled: no IPv6 default route
-                raise
-        addrs = list(ipr.get_addr())
-    except (OSError, NetlinkError) as e:
-        code = getattr(e, "code", None) or getattr(e, "errno", None) or errno.EIO
-        raise NetlinkReadError(f"netlink dump failed: {os.strerror(code)}") from None
-    return Snapshot(
-        links=links,
-        default_routes=default_routes(routes),
-        addresses_in_use=addresses_in_use(addrs, routes),
-    )
+def _plain_address(msg: Any) -> Dict[str, Any]:
+    return {
+        "index": msg["index"],
+        "prefixlen": msg["prefixlen"],
+        "scope": msg["scope"],
+        "address": msg.get("local") or msg.get("address"),
+    }
 
 
 def snapshot(*, netns: Optional[str] = None, names: Optional[Sequence[str]] = None) -> Snapshot:
-    """Every link (or only the links called `names`; missing ones are left out) and the
-    default-route links, read in the current namespace or in the network namespace file `netns`
-    (e.g. /var/run/netns/x). A missing `netns` is an error: it is never created.
+    """Every link (or only the links called `names`; missing ones are left out), the
+    default-route links and the addresses in use, read in the current namespace or in the
+    network namespace file `netns` (e.g. /var/run/netns/x). A missing `netns` is an error: it is
+    never created. Raises NetlinkReadError.
 
     In the current namespace the dumps are read and decoded here (stdlib): pyroute2 takes
     about a millisecond per link, which made a resync of a large node cost a second of CPU.
@@ -185,10 +181,18 @@ def snapshot(*, netns: Optional[str] = None, names: Optional[Sequence[str]] = No
         except OSError as e:
             code = e.errno or errno.EIO
             raise NetlinkReadError(f"netlink dump failed: {os.strerror(code)}") from None
+    try:
+        # A network namespace file lives on nsfs, as /proc/self/ns/net does. Checked first:
+        # pyroute2 fails on anything else only after starting an event loop it then leaks.
+        nsfs = os.stat(netns).st_dev == os.stat("/proc/self/ns/net").st_dev
+    except FileNotFoundError:
+        raise NetlinkReadError(f"network namespace {netns} does not exist") from None
+    except OSError as e:
+        raise NetlinkReadError(f"cannot read network namespace {netns}: {e.strerror}") from None
+    if not nsfs:
+        raise NetlinkReadError(f"{netns} is not a network namespace (not an nsfs file)")
     from pyroute2.iproute.linux import IPRoute  # ~140 ms: only when netlink is really read
 
-    if not os.path.exists(netns):
-        raise NetlinkReadError(f"network namespace {netns} does not exist")
     try:
         # flags=0: pyroute2 would otherwise create a missing namespace.
         ipr = IPRoute(netns=netns, flags=0)
@@ -205,16 +209,17 @@ def snapshot(*, netns: Optional[str] = None, names: Optional[Sequence[str]] = No
             else:
                 links = tuple(_link(m) for name in names for m in _get_link(ipr, name))
             # AF_UNSPEC dumps only IPv4 routes; ask per family. A dump covers every table.
-            routes = list(ipr.route("dump", family=socket.AF_INET))
+            routes = [_plain_route(m) for m in ipr.route("dump", family=socket.AF_INET)]
             try:
-                routes += list(ipr.route("dump", family=socket.AF_INET6))
+                routes += [_plain_route(m) for m in ipr.route("dump", family=socket.AF_INET6)]
             except NetlinkError as e:
                 if e.code != errno.EAFNOSUPPORT:  # IPv6 disabled: no IPv6 default route
                     raise
+            addrs = [_plain_address(m) for m in ipr.get_addr()]
     except (OSError, NetlinkError) as e:
         code = getattr(e, "code", None) or getattr(e, "errno", None) or errno.EIO
         raise NetlinkReadError(f"netlink dump failed: {os.strerror(code)}") from None
-    return Snapshot(links=links, default_routes=default_routes(routes))
+    return Snapshot.of(links, routes, addrs)
 
 
 def _get_link(ipr: Any, name: str) -> List[Any]:
@@ -230,12 +235,13 @@ def _get_link(ipr: Any, name: str) -> List[Any]:
 
 # -- reading rtnetlink here, without pyroute2 ----------------------------------------------------
 
-RTM_GETLINK, RTM_GETROUTE = 18, 26
+RTM_GETLINK, RTM_GETROUTE, RTM_GETADDR, RTM_NEWADDR = 18, 26, 22, 20
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
 IFLA_ADDRESS, IFLA_MTU, IFLA_OPERSTATE, IFLA_IFALIAS = 1, 4, 16, 20
 IFLA_PARENT_DEV_NAME, IFLA_PARENT_DEV_BUS_NAME = 56, 57
-RTA_OIF, RTA_MULTIPATH = 4, 9
+RTA_OIF, RTA_PREFSRC, RTA_MULTIPATH, RTA_TABLE = 4, 7, 9, 15
+IFA_ADDRESS, IFA_LOCAL = 1, 2
 _OPERSTATES = ("unknown", "notpresent", "down", "lowerlayerdown", "testing", "dormant", "up")
 _RTNEXTHOP = struct.Struct("=HBBi")  # len, flags, hops, ifindex
 
@@ -297,10 +303,22 @@ def _decode_link(payload: bytes) -> Link:
     )
 
 
+def _ip(family: int, raw: Optional[bytes]) -> Optional[str]:
+    size = 4 if family == socket.AF_INET else 16
+    if raw is None or len(raw) < size:
+        return None
+    return socket.inet_ntop(family, raw[:size])
+
+
 def _decode_route(payload: bytes) -> Dict[str, Any]:
-    family, dst_len, *_rest, rtype, _flags = _RTMSG.unpack_from(payload, 0)
+    family, dst_len, _src_len, _tos, table, _proto, _scope, rtype, _flags = _RTMSG.unpack_from(
+        payload, 0
+    )
     attrs = _attrs(payload, _RTMSG.size, len(payload))
-    route: Dict[str, Any] = {"family": family, "dst_len": dst_len, "type": rtype}
+    if RTA_TABLE in attrs:  # tables above 255 are only in the attribute
+        table = struct.unpack("=I", attrs[RTA_TABLE][:4])[0]
+    route: Dict[str, Any] = {"family": family, "dst_len": dst_len, "type": rtype, "table": table}
+    route["prefsrc"] = _ip(family, attrs.get(RTA_PREFSRC))
     if RTA_OIF in attrs:
         route["oif"] = struct.unpack("=i", attrs[RTA_OIF][:4])[0]
     hops = []
@@ -315,6 +333,14 @@ def _decode_route(payload: bytes) -> Dict[str, Any]:
     if hops:
         route["multipath"] = hops
     return route
+
+
+def _decode_address(payload: bytes) -> Dict[str, Any]:
+    family, prefixlen, _flags, scope, index = _IFADDR.unpack_from(payload, 0)
+    attrs = _attrs(payload, _IFADDR.size, len(payload))
+    # IFA_LOCAL is the link's own address; IFA_ADDRESS the peer's on a point-to-point link.
+    raw = attrs.get(IFA_LOCAL, attrs.get(IFA_ADDRESS))
+    return {"index": index, "prefixlen": prefixlen, "scope": scope, "address": _ip(family, raw)}
 
 
 def _snapshot_here(names: Optional[Sequence[str]]) -> Snapshot:
@@ -360,7 +386,11 @@ def _read_here(names: Optional[Sequence[str]]) -> Snapshot:
                     continue  # IPv6 disabled: no IPv6 default route
                 raise
             routes += [_decode_route(p) for t, _f, p in msgs if t == RTM_NEWROUTE]
-    return Snapshot(links=links, default_routes=default_routes(routes))
+        seq += 1
+        ifaddr = _IFADDR.pack(socket.AF_UNSPEC, 0, 0, 0, 0)  # every family
+        msgs = _request(sock, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, ifaddr, seq)
+        addrs = [_decode_address(p) for t, _f, p in msgs if t == RTM_NEWADDR]
+    return Snapshot.of(links, routes, addrs)
 
 
 # -- events ---------------------------------------------------------------------------------------
@@ -374,6 +404,7 @@ SO_RCVBUFFORCE = 33
 _NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, proto, scope, type
+_IFADDR = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 _RTA = struct.Struct("=HH")
 
 
@@ -390,10 +421,12 @@ class LinkEvent:
 
 @dataclass(frozen=True)
 class RouteEvent:
-    """RTM_NEWROUTE/RTM_DELROUTE; `default` for a unicast default route (dst_len 0)."""
+    """RTM_NEWROUTE/RTM_DELROUTE; `default` for a unicast default route (dst_len 0); `oifs`:
+    the links it goes out through (a NIC's eligibility may have changed)."""
 
     deleted: bool
     default: bool
+    oifs: Tuple[int, ...] = ()
 
 
 def event_socket(*, receive_buffer: Optional[int] = None) -> socket.socket:
@@ -452,11 +485,15 @@ def parse_events(data: bytes) -> List[Any]:
                 )
             )
         elif kind in (RTM_NEWROUTE, RTM_DELROUTE) and body + _RTMSG.size <= end:
-            family, dst_len, *_rest, rtype, _rflags = _RTMSG.unpack_from(data, body)
+            route = _decode_route(data[body:end])
+            oifs = [route.get("oif")] + [hop["oif"] for hop in route.get("multipath", ())]
             events.append(
                 RouteEvent(
                     deleted=kind == RTM_DELROUTE,
-                    default=family in _FAMILIES and dst_len == 0 and rtype == RTN_UNICAST,
+                    default=route["family"] in _FAMILIES
+                    and route["dst_len"] == 0
+                    and route["type"] == RTN_UNICAST,
+                    oifs=tuple(sorted({i for i in oifs if i})),
                 )
             )
         offset += (length + 3) & ~3

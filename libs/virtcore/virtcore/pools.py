@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 DEFAULT_RESOURCE = "kernel.org/virt"
 DEFAULT_SOURCE = "<embedded default>"
-# The seed's behaviour: one pool of every eligible virtio_net NIC (default-route NICs are never
-# eligible, see discovery).
+# The seed's behaviour: one pool of every eligible virtio_net NIC (the node's own NICs are never
+# eligible, see discovery.exclusion).
 DEFAULT_CONFIG_YAML = f"""\
 pools:
   - resourceName: {DEFAULT_RESOURCE}
@@ -338,16 +338,19 @@ def parse_config(text: str, source: str, *, reader: str = "pyyaml") -> Config:
     return Config(pools=_Walker(source).config(doc), source=source)
 
 
-def read_text(path: str, what: str = "a YAML file") -> str:
-    """The UTF-8 text of `path`. Raises ConfigError naming the file."""
+def read_text(path: str, what: str = "YAML file") -> str:
+    """The UTF-8 text of `path`. Raises ConfigError naming the file; `what` is the kind of file
+    expected, without an article ("YAML file")."""
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as e:
-        raise ConfigError(path, "(top level)", f"not UTF-8 text ({e.reason})", what) from None
+        raise ConfigError(
+            path, "(top level)", f"not UTF-8 text ({e.reason})", f"a UTF-8 {what}"
+        ) from None
     except OSError as e:
         raise ConfigError(
-            path, "(top level)", f"cannot read the file ({e.strerror or e})", f"readable {what}"
+            path, "(top level)", f"cannot read the file ({e.strerror or e})", f"a readable {what}"
         ) from None
 
 
@@ -355,7 +358,7 @@ def load_config(path: Optional[str]) -> Config:
     """The config in file `path`, or the embedded default when `path` is None."""
     if path is None:
         return parse_config(DEFAULT_CONFIG_YAML, DEFAULT_SOURCE)
-    return parse_config(read_text(path, "a YAML file"), path)
+    return parse_config(read_text(path), path)
 
 
 def assign(config: Config, nics: Sequence[Nic]) -> List[Nic]:

@@ -109,7 +109,7 @@ class Walker:
             key = self.by_path[f"{schema_path}.{name}" if schema_path else name]
             if key.required and name not in value:
                 where = f"{key_path}.{name}" if key_path else name
-                raise self.fail(where, "missing", f"{key.type}: {key.description}")
+                raise self.fail(where, "missing", f"a {key.type}: {key.description}")
         return value
 
     def string(self, value: object, key: Key, key_path: str) -> str:

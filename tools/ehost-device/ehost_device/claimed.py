@@ -152,7 +152,7 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
         for cl, d, name in picks:
             try:
                 fn, nic = plugin._host_nic(c, host, d.pci_address)
-                plugin._check_allowed(c, host, d.pci_address, fn, nic)
+                plugin._check_allowed(c, d.pci_address, fn, nic)
             except CniError as e:
                 raise CniError(e.code, f"{_describe(cl, d)}: {e.msg}", e.details) from None
             plugin._ifname_free(env, pod, name)

@@ -5,7 +5,8 @@ VERSION imports nothing beyond `lean_json` (no pyroute2, not `conf`, not even `j
 runtimes probe it often, and `main` returns its status. The executor path imports only os,
 sys, socket, struct and `lean_json`. Every other command ends the process itself once its
 answer is written (`_exit_now`): `main` does not return from them. `ehost-device serve|probe
-...` (arguments, no CNI_COMMAND) runs the executor itself (`serve`).
+...` (arguments, no CNI_COMMAND) runs the executor itself (`serve`), `ehost-device
+install-policy ...` the DaemonSet's policy installer (`install`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def main() -> int:
 
     environ = os.environ
     if len(sys.argv) > 1 and not environ.get("CNI_COMMAND"):
+        if sys.argv[1] == "install-policy":  # resident in the DaemonSet: no pyroute2, no gRPC
+            from ehost_device import install
+
+            return install.main(sys.argv[2:])
         from ehost_device import serve
 
         return serve.main(sys.argv[1:])

@@ -94,45 +94,40 @@ def _host_nic(c: Conf, host: Any, pci_address: str) -> Tuple[sysfs.VirtioNic, ne
     )
 
 
-def _check_allowed(
-    c: Conf, host: Any, pci_address: str, fn: sysfs.VirtioNic, nic: netns.Link
-) -> None:
-    """The node policy's guard, on the host side before anything changes: never a NIC the node
-    itself uses (a default route in any table, or addresses its routes use), and, when the
-    policy names pools, only a NIC in one of them. The config's deviceID may have been written
-    by a tenant: the device plugin keeps such NICs out of pools, this keeps them out of pods."""
+def _check_allowed(c: Conf, pci_address: str, fn: sysfs.VirtioNic, nic: netns.Link) -> None:
+    """The node policy's guard, on the host side before anything changes: the NIC must be one
+    that discovery calls eligible (virtcore.discovery.exclusion: never a NIC the node itself uses,
+    with a default route in any table or an address its routes use), the same rule by which
+    virtdp-serve advertises NICs, and, when the policy names pools, in one of them. The config's
+    deviceID may have been written by a tenant: the device plugin keeps such NICs out of pools,
+    this keeps them out of pods."""
     from virtcore import discovery, netlink
 
+    pool_policy = None
+    if c.policy.allowed_pools:
+        from ehost_device import policy
+        from virtcore import pools
+
+        try:
+            config = policy.pool_config(c.policy)
+        except pools.ConfigError as e:
+            raise CniError(
+                cni.E_POLICY, "the node policy's pool config is unusable", str(e)
+            ) from None
+        pool_policy = discovery.PoolPolicy(config, c.policy.allowed_pools, c.policy.source)
     try:
-        snap = netlink.read(host)
+        # The caller's namespace is the host's (open_ns(None)): read by the stdlib decoder,
+        # the NIC's link only, with every route and address.
+        snap = netlink.snapshot(names=[nic.name])
     except netlink.NetlinkReadError as e:
         raise CniError(cni.E_NETLINK, "cannot read the host's links and routes", str(e)) from None
-    reason = discovery.exclusion(
-        fn, snap.default_routes.get(nic.index, ()), snap.addresses_in_use.get(nic.index, ())
-    )
-    if reason:
+    entry = discovery.describe(fn, snap, policy=pool_policy)
+    if not entry.eligible:
         raise CniError(
             cni.E_NOT_ALLOWED,
-            f"NIC {pci_address} ({nic.name}) is the node's own: it {reason}",
-            "ehost-device never moves a NIC the node itself uses; name a NIC from the device "
-            "plugin's pool",
-        )
-    if not c.policy.allowed_pools:
-        return
-    from ehost_device import policy
-    from virtcore import pools
-
-    try:
-        config = policy.pool_config(c.policy)
-    except pools.ConfigError as e:
-        raise CniError(cni.E_POLICY, "the node policy's pool config is unusable", str(e)) from None
-    (entry,) = pools.assign(config, [discovery.describe(fn, snap)])
-    if entry.pool not in c.policy.allowed_pools:
-        raise CniError(
-            cni.E_NOT_ALLOWED,
-            f"NIC {pci_address} ({nic.name}) is not in a pool the node policy allows",
-            f"it is in {'pool ' + entry.pool if entry.pool else 'no pool'} of {config.source}; "
-            f"{c.policy.source} allows only {', '.join(c.policy.allowed_pools)}",
+            f"NIC {pci_address} ({nic.name}) may not go to a pod: {entry.excluded_reason}",
+            "ehost-device moves only a NIC that virtdp's discovery calls eligible (never the "
+            "node's own) and the node policy allows; name a NIC from the device plugin's pool",
         )
 
 
@@ -172,7 +167,7 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
             )
         )
         fn, nic = _host_nic(c, host, pci_address)
-        _check_allowed(c, host, pci_address, fn, nic)
+        _check_allowed(c, pci_address, fn, nic)
         pod = _open_pod(hold, env)
         _ifname_free(env, pod, env.ifname)
         with contextlib.ExitStack() as undo:

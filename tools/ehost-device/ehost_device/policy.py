@@ -91,8 +91,9 @@ SCHEMA: Tuple[Key, ...] = (
         False,
         [],
         "Only NICs in these pools of `poolConfig` may be taken. Absent: every NIC virtdp's "
-        "discovery calls eligible (a virtio_net NIC without a default route). The node's own "
-        "NICs (default route, addresses the node routes with) are refused either way.",
+        "discovery calls eligible: a virtio_net NIC the node does not use itself (no default "
+        "route, no address the node routes with), the rule virtdp-serve advertises by. The "
+        "node's own NICs are refused either way.",
         ["kernel.org/virt"],
         pools.check_resource_name,
     ),
@@ -166,7 +167,7 @@ def load(environ: Mapping[str, str]) -> Policy:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(
-            path, "(top level)", f"not UTF-8 text ({e.reason})", "a YAML file"
+            path, "(top level)", f"not UTF-8 text ({e.reason})", "a UTF-8 YAML file"
         ) from None
     return parse(text, path)
 
@@ -195,10 +196,13 @@ def parse(text: str, source: str) -> Policy:
     return Policy(**values)
 
 
-def pool_config(p: Policy) -> pools.Config:
-    """The pool config `allowedPools` refers to; every allowed pool must be in it. Raises
+def pool_config(p: Policy, *, text: Optional[str] = None) -> pools.Config:
+    """The pool config `allowedPools` refers to; every allowed pool must be in it. `text` stands
+    in for the file's content (the installer checks a pair before it installs them). Raises
     ConfigError."""
-    config = pools.parse_config(pools.read_text(p.pool_config), p.pool_config, reader="subset")
+    if text is None:
+        text = pools.read_text(p.pool_config)
+    config = pools.parse_config(text, p.pool_config, reader="subset")
     names = [pool.resource_name for pool in config.pools]
     for i, name in enumerate(p.allowed_pools):
         if name not in names:

@@ -38,6 +38,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import ehost_device
 from ehost_device import front, metrics
 
 log = logging.getLogger("ehost-device-serve")
@@ -541,7 +542,14 @@ def main(argv: List[str]) -> int:
         prog="ehost-device",
         description="ehost-device, the CNI plugin for virtio NICs. Run by a container runtime "
         "(CNI_COMMAND set) it plumbs one NIC; `serve` runs the warm executor that answers "
-        "those calls on a node, `probe` checks that it answers.",
+        "those calls on a node, `probe` checks that it answers, `install-policy` installs the "
+        "node policy from the DaemonSet's ConfigMap (see `ehost-device install-policy --help`).",
+    )
+    ap.add_argument(
+        "--version",
+        action="version",
+        version=f"ehost-device {ehost_device.__version__}",
+        help="print the version and exit",
     )
     sub = ap.add_subparsers(dest="mode", required=True)
     s = sub.add_parser("serve", help="answer CNI calls on a unix socket (the warm executor)")

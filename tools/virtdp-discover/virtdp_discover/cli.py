@@ -63,40 +63,15 @@ COLUMNS = [
 PROBLEMS = render.Column("problems", "problems")
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = command.app()
 
 
 @app.command(help="List this node's virtio NICs, whether each may be handed to pods, and its pool.")
 def run(
-    config: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--config",
-            metavar="FILE",
-            help="Pool config (YAML). Default: one pool kernel.org/virt of all eligible NICs.",
-        ),
-    ] = None,
-    sysfs_root: Annotated[
-        Path,
-        typer.Option(
-            "--sysfs-root",
-            metavar="DIR",
-            file_okay=False,
-            exists=True,
-            help="sysfs tree to read (a captured or fake one).",
-        ),
-    ] = Path("/sys"),
-    netns: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--netns",
-            metavar="PATH",
-            help="Read links and routes inside this network namespace (e.g. /var/run/netns/x).",
-        ),
-    ] = None,
-    output: Annotated[
-        Output, typer.Option("--output", "-o", help="table, json or yaml.")
-    ] = Output.table,
+    config: command.ConfigOpt = None,
+    sysfs_root: command.SysfsRootOpt = Path("/sys"),
+    netns: command.NetnsOpt = None,
+    output: command.OutputOpt = Output.table,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
     version: Annotated[bool, command.version_option("virtdp-discover", __version__)] = False,
 ) -> None:

@@ -48,45 +48,20 @@ def _table(rows: Sequence[Any], columns: Sequence[render.Column], title: str) ->
     render.render(rows, columns, "table", title=title)
 
 
-# -- option validation ---------------------------------------------------------------------------
+# -- options ------------------------------------------------------------------------------------
 def _timeout(value: float) -> float:
     if not value > 0:
         raise typer.BadParameter(f"{value:g} is not a positive number of seconds, expected e.g. 3")
     return value
 
 
-def _sysfs(value: Path) -> Path:
-    if not (value / "bus" / "pci" / "devices").is_dir():
-        raise typer.BadParameter(
-            f"{value} is not a sysfs tree (no bus/pci/devices), expected /sys or a captured tree"
-        )
-    return value
-
-
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table, json or yaml.")]
+OutputOpt = command.OutputOpt
+SysfsOpt = command.SysfsRootOpt
+NetnsOpt = command.NetnsOpt
 TimeoutOpt = Annotated[
     float,
     typer.Option(
         "--timeout", metavar="SECONDS", callback=_timeout, help="Deadline of every connect and RPC."
-    ),
-]
-SysfsOpt = Annotated[
-    Path,
-    typer.Option(
-        "--sysfs-root",
-        metavar="DIR",
-        callback=_sysfs,
-        help="sysfs tree discovery reads (a captured or fake one).",
-    ),
-]
-NetnsOpt = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--netns",
-        metavar="PATH",
-        exists=True,
-        dir_okay=False,
-        help="The host network namespace, when not the one this runs in (e.g. /var/run/netns/x).",
     ),
 ]
 NetnsDirOpt = Annotated[
@@ -108,9 +83,7 @@ ResourceOpt = Annotated[
     typer.Option("--resource", metavar="NAME", help="Only this resource (repeatable)."),
 ]
 
-app = typer.Typer(
-    add_completion=False,
-    pretty_exceptions_enable=False,
+app = command.app(
     no_args_is_help=True,
     help="Debug virtdp on a node: allocations, plugin devices, the kubelet checkpoint, and where "
     "every plumbed NIC is.",
@@ -329,7 +302,32 @@ DEVICE_COLUMNS = [
 ]
 
 
-@app.command(help="What each device plugin socket advertises, asked the way the kubelet asks.")
+EXCLUDED_COLUMNS = [
+    render.Column("pci_address", "PCI address"),
+    render.Column("ifname", "ifname"),
+    render.Column("reason", "why never advertised"),
+]
+
+
+def _excluded(sysfs_root: Path, netns: Optional[Path]) -> Optional[List[Any]]:
+    """The node's virtio NICs that may not go to pods, by the rule virtdp-serve advertises with
+    and ehost-device's ADD refuses with (None: discovery failed, said on stderr)."""
+    try:
+        nics = discovery.discover(str(sysfs_root), netns=str(netns) if netns else None)
+    except discovery.DiscoveryError as e:
+        _say(f"warning: discovery failed, NICs not advertised unknown: {e}")
+        return None
+    return [
+        {"pci_address": n.pci_address, "ifname": n.ifname, "reason": n.excluded_reason}
+        for n in nics
+        if not n.eligible
+    ]
+
+
+@app.command(
+    help="What each device plugin socket advertises, asked the way the kubelet asks, and which "
+    "of the node's virtio NICs may not be advertised, and why."
+)
 def devices(
     device_plugin_dir: Annotated[
         Path,
@@ -344,10 +342,14 @@ def devices(
             help="Checkpoint naming each resource's devices [default: in the plugin directory].",
         ),
     ] = None,
+    sysfs_root: SysfsOpt = Path("/sys"),
+    netns: NetnsOpt = None,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT,
     output: OutputOpt = Output.table,
 ) -> None:
     from virtdp_inspect import plugins
+
+    excluded = _excluded(sysfs_root, netns)  # netlink before gRPC starts its threads
 
     directory = str(device_plugin_dir)
     if not device_plugin_dir.is_dir():
@@ -380,8 +382,13 @@ def devices(
             for d in p.devices:
                 rows.append({**base, **render.plain(d), "status": p.status})
         _table(rows, DEVICE_COLUMNS, "device plugins")
+        if excluded is not None:
+            _table(excluded, EXCLUDED_COLUMNS, "virtio NICs excluded")
     else:
-        _emit({"device_plugin_dir": directory, "plugins": found}, output)
+        _emit(
+            {"device_plugin_dir": directory, "plugins": found, "excluded": excluded},
+            output,
+        )
     if failed:
         raise typer.Exit(EXIT_FAILURE)
 

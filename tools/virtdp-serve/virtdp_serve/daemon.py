@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
@@ -251,6 +252,7 @@ class Daemon:
         else:
             self._refresh("link", self._link_targets(batch))
             self._refresh("uevent", self._uevent_targets(batch))
+            self._refresh("route", self._route_targets(batch))
         if signal.SIGHUP in batch.signals:
             self.reload("SIGHUP")
         elif any(ev.path == self.config_dir for ev in batch.files):
@@ -302,6 +304,22 @@ class Daemon:
                 owner = self._netdev_function(name)
                 if owner is not None:
                     targets.add(owner)
+        return targets
+
+    def _route_targets(self, batch: Batch) -> Set[str]:
+        """The PCI functions whose netdev a (non-default) route was added to or removed from:
+        an address the node routes with makes a NIC ineligible (discovery.exclusion). A route
+        that only names a NIC's address as its source through another link is left to the
+        resync."""
+        targets: Set[str] = set()
+        for index in sorted(batch.route_links):
+            try:
+                name = socket.if_indextoname(index)
+            except OSError:
+                continue  # gone already; its link event says so
+            owner = self._netdev_function(name)
+            if owner is not None:
+                targets.add(owner)
         return targets
 
     def _netdev_function(self, ifname: str) -> Optional[str]:

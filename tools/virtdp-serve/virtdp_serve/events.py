@@ -46,6 +46,7 @@ class Batch:
     uevents: List[uevent.Uevent] = field(default_factory=list)
     links: List[netlink.LinkEvent] = field(default_factory=list)
     default_route_changed: bool = False
+    route_links: Set[int] = field(default_factory=set)  # ifindexes other routes go out through
     overflowed: Set[str] = field(default_factory=set)  # "uevent", "rtnetlink", "inotify"
     files: List[inotify.Event] = field(default_factory=list)
     signals: List[int] = field(default_factory=list)
@@ -55,6 +56,7 @@ class Batch:
             self.uevents
             or self.links
             or self.default_route_changed
+            or self.route_links
             or self.overflowed
             or self.files
             or self.signals
@@ -128,6 +130,8 @@ class EventSources:
                         batch.links.append(item)
                     elif item.default:
                         batch.default_route_changed = True
+                    else:
+                        batch.route_links.update(item.oifs)
 
     def receive_buffers(self) -> Tuple[int, int]:
         """Receive buffer sizes the kernel granted (uevent, rtnetlink)."""

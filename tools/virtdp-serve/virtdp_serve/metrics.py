@@ -78,14 +78,14 @@ RESCANS = Counter(
     "virtdp_rescans",
     "Full inventory rescans (every PCI function and link), by reason: start, resync (the "
     "--resync-interval safety net), overflow (an event socket lost events), config (reload), "
-    "kubelet (a kubelet restart), route (a default route changed).",
+    "kubelet (a kubelet restart), route (a default route changed: eligibility).",
     ["reason"],
     registry=REGISTRY,
 )
 DEVICE_REFRESHES = Counter(
     "virtdp_device_refreshes",
     "PCI functions re-read one at a time after a kernel event concerning them, by event source "
-    "(uevent, link).",
+    "(uevent, link, route: a route through its netdev changed).",
     ["source"],
     registry=REGISTRY,
 )
