@@ -422,11 +422,15 @@ def bench_dra_idle(nics: int, seconds: float) -> None:
         time.sleep(seconds)
         c1, w1 = _cpu_seconds(proc.pid), time.monotonic()
         share = (c1 - c0) / (w1 - w0) * 100
+        writes = sum(
+            float(line.rpartition(" ")[2])
+            for line in lab.http("/metrics")[1].splitlines()
+            if line.startswith("virtdp_dra_slice_writes_total{")
+        )
         print(
             f"idle {nics} NICs, DRA on (--mode both, {nics - half} DRA + {half} device plugin): "
             f"CPU {share:.3f} % of a core over {w1 - w0:.1f}s at rest ({c1 - c0:.2f}s CPU); "
-            f"start -> listed and published {ready:.2f}s; slice writes "
-            f"{lab.metric('virtdp_dra_slice_writes_total')}",
+            f"start -> listed and published {ready:.2f}s; {writes:.0f} slice writes in all",
             flush=True,
         )
     finally:
