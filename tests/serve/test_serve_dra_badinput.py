@@ -4,8 +4,6 @@ no NIC is taken. Bad flags and a damaged claim record stop the daemon before it 
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 from conftest import DRIVER, NODE
 
@@ -205,14 +203,14 @@ def test_record_unwritable_fails_the_call_and_changes_nothing(dra):
     claim = dra.claim("c1", [A])
     import grpc
 
-    # Tests run as root, which file modes do not stop: a file where the directory should be.
-    shutil.rmtree(dra.dra_state_dir, ignore_errors=True)
-    dra.dra_state_dir.write_text("not a directory\n")
+    # Tests run as root, which file modes do not stop: a directory where the record goes.
+    (dra.dra_state_dir / "claims.json").mkdir(parents=True)
     with pytest.raises(grpc.RpcError) as e:
         _prepare(stub, _ref(claim))
     assert e.value.code() == grpc.StatusCode.INTERNAL
     assert "cannot write the claim record" in e.value.details()
     assert "nothing was changed" in e.value.details()
+    assert [p.name for p in dra.dra_state_dir.iterdir() if p.name.startswith(".")] == []
 
 
 def test_pod_with_claims_of_two_drivers_touches_nothing(dra):
