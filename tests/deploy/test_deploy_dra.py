@@ -166,10 +166,11 @@ def drive_the_dra_code(api: TestApiServer, kube: kubeapi.Kube, state_dir: str) -
     try:
         addresses = [f"0000:{1 + i // 32:02x}:{i % 32:02x}.0" for i in range(70)]
         devs = [
-            DraDevice(claims.device_name(a), a, "kernel.org/virt", 0, None, None, None, None,
-                      None, None)
+            DraDevice(
+                claims.device_name(a), a, "kernel.org/virt", 0, None, None, None, None, None, None
+            )
             for a in addresses
-        ]  # fmt: skip
+        ]
         p.update(devs)
         assert p.wait_in_sync(10)
         slice_name = sorted(s["metadata"]["name"] for s in api.list("resourceslices"))[0]
@@ -182,16 +183,34 @@ def drive_the_dra_code(api: TestApiServer, kube: kubeapi.Kube, state_dir: str) -
         )
         claim["status"] = {
             "allocation": {
-                "devices": {"results": [{"request": "nic", "driver": DRIVER, "pool": "node-a",
-                                         "device": devs[0].name}]}
+                "devices": {
+                    "results": [
+                        {
+                            "request": "nic",
+                            "driver": DRIVER,
+                            "pool": "node-a",
+                            "device": devs[0].name,
+                        }
+                    ]
+                }
             }
-        }  # fmt: skip
+        }
         claim = api.update("resourceclaims", claim, subresource="status")
         api.conflict_next("resourceclaims", "c1")
         st = claims.DeviceStatus(
-            claim["metadata"]["uid"], "ns1", "c1", DRIVER, "node-a", devs[0].name,
-            str(uuid.uuid4()), "ctr", "net1", "net1", ("198.51.100.2/24",), "52:54:00:00:00:01",
-        )  # fmt: skip
+            claim["metadata"]["uid"],
+            "ns1",
+            "c1",
+            DRIVER,
+            "node-a",
+            devs[0].name,
+            str(uuid.uuid4()),
+            "ctr",
+            "net1",
+            "net1",
+            ("198.51.100.2/24",),
+            "52:54:00:00:00:01",
+        )
         claims.write_status(state_dir, st)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not (
@@ -234,16 +253,26 @@ def test_rbac_is_no_wider_than_the_issue_lists(deployments: Path) -> None:
         for r in rule["resources"]
         for v in rule["verbs"]
     }
-    wanted = {("resource.k8s.io", "resourceslices", v) for v in ("get", "list", "watch", "create", "update", "patch", "delete")}  # fmt: skip
+    wanted = {
+        ("resource.k8s.io", "resourceslices", v)
+        for v in ("get", "list", "watch", "create", "update", "patch", "delete")
+    }
     wanted |= {("resource.k8s.io", "resourceclaims", v) for v in ("get", "list", "watch")}
     wanted |= {("resource.k8s.io", "resourceclaims/status", v) for v in ("update", "patch")}
-    wanted |= {("resource.k8s.io", "resourceclaims/driver", "associated-node:" + v) for v in ("update", "patch")}  # fmt: skip
+    wanted |= {
+        ("resource.k8s.io", "resourceclaims/driver", "associated-node:" + v)
+        for v in ("update", "patch")
+    }
     wanted |= {("", "nodes", "get")}
     assert granted == wanted
     docs = rendered(deployments)
     binding = one(docs, "ClusterRoleBinding", "virtdp-dra")
     sa = one(docs, "ServiceAccount", "virtdp")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "virtdp-dra"}  # fmt: skip
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "virtdp-dra",
+    }
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "virtdp", "namespace": sa["metadata"]["namespace"]}
     ]
@@ -252,7 +281,10 @@ def test_rbac_is_no_wider_than_the_issue_lists(deployments: Path) -> None:
     policy = one(docs, "ValidatingAdmissionPolicy")
     (cond,) = policy["spec"]["matchConditions"]
     assert f"system:serviceaccount:{sa['metadata']['namespace']}:virtdp" in cond["expression"]
-    assert one(docs, "ValidatingAdmissionPolicyBinding")["spec"]["policyName"] == policy["metadata"]["name"]  # fmt: skip
+    assert (
+        one(docs, "ValidatingAdmissionPolicyBinding")["spec"]["policyName"]
+        == policy["metadata"]["name"]
+    )
 
 
 def test_device_class_network_and_example_agree(deployments: Path) -> None:
@@ -281,7 +313,11 @@ def test_device_class_network_and_example_agree(deployments: Path) -> None:
     assert rc["resourceClaimTemplateName"] == tmpl["metadata"]["name"]
     assert pod["spec"]["containers"][0]["resources"]["claims"] == [{"name": rc["name"]}]
     assert pod["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == nad["metadata"]["name"]
-    assert tmpl["metadata"]["namespace"] == pod["metadata"]["namespace"] == nad["metadata"]["namespace"]  # fmt: skip
+    assert (
+        tmpl["metadata"]["namespace"]
+        == pod["metadata"]["namespace"]
+        == nad["metadata"]["namespace"]
+    )
     # The opaque config is one the driver's prepare accepts.
     from virtdp_serve import prepare
 

@@ -179,6 +179,15 @@ def test_a_crd_schema_is_shipped_for_every_custom_resource(deployments: Path) ->
         ("PodMonitor", ["spec", "podMetricsEndpoints", 0], {"intervall": "30s"}),
         ("NetworkAttachmentDefinition", ["spec"], {"configs": "{}"}),
         ("NetworkAttachmentDefinition", ["metadata"], {"annotation": {}}),
+        # The DRA component's objects, against the DRA guide's versions.
+        ("DeviceClass", ["spec"], {"extendedResourceNmae": "kernel.org/virt"}),
+        ("ResourceClaimTemplate", ["spec", "spec", "devices"], {"request": []}),
+        ("ClusterRole", ["rules", 0], {"verb": ["get"]}),
+        (
+            "dra/daemonset-dra.patch.yaml (rendered)",
+            ["spec", "template", "spec"],
+            {"serviceAccount_name": "x"},
+        ),
     ],
 )
 def test_validation_refuses_what_kubectl_strict_would(
@@ -186,16 +195,19 @@ def test_validation_refuses_what_kubectl_strict_would(
 ) -> None:
     # The check above can fail: the same objects with one mistake each do not validate.
     crds = crd_schemas()
-    (doc,) = (
-        copy.deepcopy(d)
-        for where, d in api_objects(deployments)
-        if d["kind"] == kind and Path(where).parts[0] != DRA_DIR
-    )
+    objects = api_objects(deployments)
+    # `kind` names a kind (the base's object of it when the component has one too) or a file.
+    found = [(w, d) for w, d in objects if w == kind]
+    found = found or [(w, d) for w, d in objects if d["kind"] == kind]
+    if len(found) > 1:
+        found = [(w, d) for w, d in found if Path(w).parts[0] != DRA_DIR]
+    ((where_file, doc),) = found
+    doc = copy.deepcopy(doc)
     target = doc
     for step in path:
         target = target[step]
     target.update(mistake)
-    for version in claimed_versions(repo_root):
+    for version in versions_for(where_file, repo_root):
         with pytest.raises(jsonschema.ValidationError) as caught:
             validate(doc, version, crds)
         (field,) = mistake

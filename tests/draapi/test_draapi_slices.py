@@ -70,8 +70,11 @@ def test_published_shape(api: TestApiServer, publisher: slices.Publisher) -> Non
         assert s["metadata"]["ownerReferences"] == [
             {"apiVersion": "v1", "kind": "Node", "name": NODE, "uid": node_uid, "controller": True}
         ]
-    names = [d["name"] for s in sorted(got, key=lambda s: s["spec"]["devices"][0]["name"])
-             for d in s["spec"]["devices"]]  # fmt: skip
+    names = [
+        d["name"]
+        for s in sorted(got, key=lambda s: s["spec"]["devices"][0]["name"])
+        for d in s["spec"]["devices"]
+    ]
     assert names == sorted(names) and len(set(names)) == 130
     dev = devices(api)["pci-0000-01-05-0"]
     assert dev["attributes"] == {
