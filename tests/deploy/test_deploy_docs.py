@@ -20,7 +20,14 @@ TOOLS = {
     "virtdp-inspect": "virtdp_inspect.cli",
     "virtdp-discover": "virtdp_discover.cli",
 }
-PAGES = ("operator-guide.md", "architecture.md", "config-reference.md", "metrics.md")
+PAGES = (
+    "operator-guide.md",
+    "dra-operator.md",
+    "architecture.md",
+    "config-reference.md",
+    "metrics.md",
+    "dra-cni.md",
+)
 
 
 def load_generator(repo_root: Path) -> ModuleType:

@@ -48,6 +48,7 @@ _JSON = ".json"
 # Object UIDs are UUIDs; anything safe as a file-name part is accepted, nothing with a '/'.
 _UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,127}$")
 # A DRA device name is a DNS label (RFC 1123): no '_', so `<uid>_<device>` splits unambiguously.
+_DEVICE_NAME = re.compile(r"^pci-([0-9a-f]{4})-([0-9a-f]{2})-([0-9a-f]{2})-([0-7])$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -109,6 +110,13 @@ def device_name(pci_address: str) -> str:
     """The DRA device name of a NIC: "0000:00:04.0" -> "pci-0000-00-04-0" (a DNS label)."""
     address = pci.normalize(pci_address)
     return "pci-" + address.replace(":", "-").replace(".", "-")
+
+
+def pci_address_of(device: str) -> Optional[str]:
+    """The PCI address a DRA device name stands for ("pci-0000-00-04-0" -> "0000:00:04.0"),
+    None for a name `device_name` does not make."""
+    m = _DEVICE_NAME.match(device)
+    return f"{m[1]}:{m[2]}:{m[3]}.{m[4]}" if m else None
 
 
 def is_uid(text: object) -> bool:

@@ -14,6 +14,7 @@ Rules this module keeps:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
@@ -96,6 +97,9 @@ def connect(
         except (ConfigException, OSError) as e:
             raise KubeConfigError(f"{source}: {e}") from e
     config.retries = urllib3.util.Retry(total=1, connect=1, read=0, redirect=0, status=0)
+    # That one reconnect is routine (an idle connection the server closed); the caller logs
+    # what finally fails.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     client = ApiClient(config)
     client.user_agent = USER_AGENT
     return Kube(client=client, timeout=timeout, source=source)

@@ -11,7 +11,9 @@ Shape of what is published (resource.k8s.io/v1):
   `resource.kubernetes.io/pciBusID` and, where sysfs gives it, `resource.kubernetes.io/pcieRoot`.
 - Taints (effect NoSchedule): `<driver>/no-carrier` on a NIC the inventory holds unhealthy
   (carrier lost while admin-up), `<driver>/no-netdev` on a NIC whose netdev is not in the node's
-  namespace although no prepared claim holds it. Each keeps the time it was first seen.
+  namespace although no prepared claim holds it. Each keeps the time it was first seen. An
+  API server that drops taints (Kubernetes 1.34/1.35, feature gate DRADeviceTaints off by
+  default) makes the publisher leave such NICs out of the slices instead.
 
 How it stays current, with no polling:
 - `update(devices, in_use=...)` (the daemon, after inventory changes) records what should be
@@ -103,8 +105,11 @@ class DesiredState:
                 if name not in self.remembered and (ifname or mac):
                     self.remembered[name] = _Remembered(ifname, mac)
 
-    def devices(self, devices: Iterable[DraDevice]) -> List[Obj]:
-        out = [self.device(d) for d in sorted(devices, key=lambda d: d.name)]
+    def devices(self, devices: Iterable[DraDevice], *, taints: bool = True) -> List[Obj]:
+        """The API Device objects, by name. `taints` False (the API server drops them): a NIC
+        with a problem is left out instead, so that nothing schedules onto it."""
+        ordered = sorted(devices, key=lambda d: d.name)
+        out = [self.device(d) for d in ordered if taints or d.problem is None]
         live = {(e["name"], t["key"]) for e in out for t in e.get("taints", ())}
         # A taint that went away starts a new time when it comes back.
         for key in [k for k in self.taint_times if k not in live]:
@@ -204,6 +209,7 @@ class Publisher:
         self._threads: List[threading.Thread] = []
         # What the writer last achieved (readiness, tests, bench).
         self.generation = 0
+        self.taints_supported: Optional[bool] = None  # unknown until a tainted device is sent
         self.in_sync = False
         self.last_error: Optional[str] = None
         self.writes = 0
@@ -297,6 +303,8 @@ class Publisher:
                 )
                 with self._cond:
                     self._synced = False
+                    self.in_sync = False
+                    self.last_error = f"watch: {f or e}"
                     self._cond.wait_for(lambda: self._stopping, delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, self.backoff_max)
 
@@ -414,7 +422,9 @@ class Publisher:
 
     def _reconcile(self) -> None:
         with self._cond:
-            entries = self._desired.devices(self._devices or ())
+            entries = self._desired.devices(
+                self._devices or (), taints=self.taints_supported is not False
+            )
             current = sorted(self._cache.values(), key=_slice_order)
         want = chunks(entries, self.slice_devices)
         generation = max((_generation(s) for s in current), default=0)
@@ -436,7 +446,9 @@ class Publisher:
         ):
             target = self._pending[1]
         else:
-            target = generation + 1
+            # Never back to a generation used before (after someone deleted every slice):
+            # consumers may still hold slices of it.
+            target = max(generation, self.generation) + 1
         self._pending = (want, target)
         pool = {"name": self.node, "generation": target, "resourceSliceCount": len(want)}
         api = self.kube.resource()
@@ -512,7 +524,20 @@ class Publisher:
         stored = json.loads(resp.data)
         with self._cond:
             self.writes += 1
-            self._cache[stored["metadata"]["name"]] = stored
+            self._remember(stored)
+        sent_taints = any("taints" in d for d in body["spec"]["devices"])
+        if sent_taints and not any("taints" in d for d in stored["spec"].get("devices") or []):
+            # Kubernetes before 1.36 has device taints behind the DRADeviceTaints feature gate,
+            # off by default, and then drops them from what it stores: comparing would rewrite
+            # the slice for ever.
+            log.warning(
+                "the API server dropped the device taints (feature gate DRADeviceTaints off): "
+                "NICs without carrier or netdev are left out of the ResourceSlices instead"
+            )
+            self.taints_supported = False
+            raise _Retry()
+        if sent_taints:
+            self.taints_supported = True
 
     def _delete(self, api: Any, obj: Obj) -> None:
         meta = obj["metadata"]
@@ -549,8 +574,15 @@ class Publisher:
                     self._cache.pop(name, None)
                 return
             raise
-        obj = json.loads(resp.data)
         with self._cond:
+            self._remember(json.loads(resp.data))
+
+    def _remember(self, obj: Obj) -> None:
+        """Cache what a write or read returned, unless the watch already brought a newer
+        version (someone wrote after us: the cache must not go back). Lock held."""
+        name = obj["metadata"]["name"]
+        cached = self._cache.get(name)
+        if cached is None or _rv(obj) >= _rv(cached):
             self._cache[name] = obj
 
 
