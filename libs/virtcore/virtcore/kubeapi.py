@@ -88,7 +88,7 @@ def connect(
     timeout: Tuple[float, float] = DEFAULT_TIMEOUT,
 ) -> Kube:
     """An ApiClient from `kubeconfig` (a path), else from the in-cluster ServiceAccount."""
-    import urllib3
+    import urllib3  # pants: no-infer-dep (a dependency of kubernetes: BUILD)
     from kubernetes.client import ApiClient, Configuration
     from kubernetes.config import incluster_config, kube_config
     from kubernetes.config.config_exception import ConfigException
@@ -153,7 +153,7 @@ class Failure:
 def failure(exc: BaseException) -> Optional[Failure]:
     """The Failure an API call raised, or None when `exc` is not an API/transport error."""
     # Only ever called after a call through the client: these are loaded by then.
-    import urllib3
+    import urllib3  # pants: no-infer-dep (a dependency of kubernetes: BUILD)
     from kubernetes.client.exceptions import ApiException
 
     if isinstance(exc, ApiException):

@@ -267,7 +267,8 @@ class Publisher:
 
     # -- watcher ---------------------------------------------------------------------------
     def _watch_loop(self) -> None:
-        api = self.kube.resource()
+        # Any: with _preload_content=False the calls return the raw urllib3 response.
+        api: Any = self.kube.resource()
         delay = BACKOFF_MIN
         first = True
         while not self._stopping:
@@ -451,7 +452,8 @@ class Publisher:
             target = max(generation, self.generation) + 1
         self._pending = (want, target)
         pool = {"name": self.node, "generation": target, "resourceSliceCount": len(want)}
-        api = self.kube.resource()
+        # Any: with _preload_content=False the calls return the raw urllib3 response.
+        api: Any = self.kube.resource()
         # Obsolete slices first, as upstream's controller does: NICs that are gone stop being
         # offered even if writing the others fails.
         for extra in current[len(want) :]:
