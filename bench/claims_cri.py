@@ -121,8 +121,10 @@ def main() -> int:
     base = {k: statistics.median(times["cluster only"][k]) for k in ("run", "stop")}
     for case in CASES:
         run, stop = (statistics.median(times[case][k]) for k in ("run", "stop"))
-        extra = "" if case == "cluster only" else (
-            f"   +{run - base['run']:.1f} / +{stop - base['stop']:.1f}"
+        extra = (
+            ""
+            if case == "cluster only"
+            else (f"   +{run - base['run']:.1f} / +{stop - base['stop']:.1f}")
         )
         print(f"{case:<26}{run:>15.1f}{stop:>13.1f}{extra}")
     return 0

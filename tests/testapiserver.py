@@ -663,7 +663,10 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 # Lists whose Go type carries patchStrategy:"merge" (path -> merge key); all others replace.
-_SMP_MERGE_KEYS = {("status", "reservedFor"): "uid", ("metadata", "ownerReferences"): "uid"}
+_SMP_MERGE_KEYS: Dict[Tuple[str, ...], str] = {
+    ("status", "reservedFor"): "uid",
+    ("metadata", "ownerReferences"): "uid",
+}
 
 
 def strategic_merge_patch(target: Any, patch: Any, path: Tuple[str, ...] = ()) -> Any:

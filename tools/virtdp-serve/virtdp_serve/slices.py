@@ -50,8 +50,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from kubernetes.watch.watch import iter_resp_lines
-
 from virtcore import kubeapi
 from virtdp_serve import metrics
 from virtdp_serve.inventory import DraDevice
@@ -269,7 +267,8 @@ class Publisher:
 
     # -- watcher ---------------------------------------------------------------------------
     def _watch_loop(self) -> None:
-        api = self.kube.resource()
+        # Any: with _preload_content=False the calls return the raw urllib3 response.
+        api: Any = self.kube.resource()
         delay = BACKOFF_MIN
         first = True
         while not self._stopping:
@@ -310,6 +309,8 @@ class Publisher:
 
     def _watch_once(self, api: Any, rv: str) -> str:
         """One watch request from `rv` until the server ends it; the version to go on from."""
+        from kubernetes.watch.watch import iter_resp_lines
+
         resp = api.list_resource_slice(
             field_selector=self.selector,
             watch=True,
@@ -410,8 +411,8 @@ class Publisher:
         """The Node as ownerReference (controller): the garbage collector deletes the slices
         with the Node. `fresh`: read its UID again (the Node may have been re-created)."""
         if fresh or self._node_uid is None:
-            node = self.kube.core().read_node(self.node, _request_timeout=self.kube.timeout)
-            self._node_uid = str(node.metadata.uid)
+            node = self.kube.get_json("/api/v1/nodes/{name}", name=self.node)
+            self._node_uid = str(node["metadata"]["uid"])
         return {
             "apiVersion": "v1",
             "kind": "Node",
@@ -451,7 +452,8 @@ class Publisher:
             target = max(generation, self.generation) + 1
         self._pending = (want, target)
         pool = {"name": self.node, "generation": target, "resourceSliceCount": len(want)}
-        api = self.kube.resource()
+        # Any: with _preload_content=False the calls return the raw urllib3 response.
+        api: Any = self.kube.resource()
         # Obsolete slices first, as upstream's controller does: NICs that are gone stop being
         # offered even if writing the others fails.
         for extra in current[len(want) :]:
