@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -261,6 +262,24 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path, fake_sysfs: FakeSysfs) -
         yield r
     finally:
         r.close()
+
+
+# The suite's closing figures (faults survived, NICs lost, leases leaked) for the abandoned-call
+# tests, as JUnit properties: the same line as tests/e2e, tests/corpus and tests/runtime.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "e2e"))
+
+import e2e_figures  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def figures(
+    request: pytest.FixtureRequest, record_testsuite_property: Any
+) -> Iterator[e2e_figures.Figures]:
+    yield from e2e_figures.session_fixture(request.config, record_testsuite_property)
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:  # type: ignore[no-untyped-def]
+    e2e_figures.terminal_summary(terminalreporter, config)
 
 
 # -- the DRA claim tests (test_cni_claims*.py, helpers in claimrig.py) ---------------------------

@@ -304,3 +304,41 @@ def test_gc_drops_the_status_of_a_gone_attachment_whose_nic_is_home(rig, dra, ni
     assert [s.container_id for s in statuses(dra)] == ["live"]
     rig.cni("DEL", conf, pod=pod, container_id="live", env=cni_args(uid)).ok()
     assert home(rig, nics, A, B, C) and statuses(dra) == []
+
+
+def test_runtime_kills_a_chained_add_by_claim_and_dels_at_once(rig, dra, nics, figures):
+    """The abandoned-call guarantee for NICs by claim (tests/cni/test_cni_abandoned.py has it
+    for deviceID): the runtime SIGKILLs the plugin at 12 points of a chained ADD taking two
+    claimed NICs and DELs at once; after each, both NICs are home as they were, no lease, no
+    status file, nothing in the pod."""
+    import os
+    import signal
+    import time
+
+    uid = new_uid()
+    write(dra, claim("c1", uid, device(A), device(B, "second")))
+    pod = rig.pod()
+    prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}], "ips": []}
+    conf = rig.conf("1.0.0", prevResult=prev)
+    env = cni_args(uid)
+    t0 = time.monotonic()
+    rig.cni("ADD", conf, pod=pod, ifname="eth0", env=env).ok()
+    length = time.monotonic() - t0
+    rig.cni("DEL", conf, pod=pod, ifname="eth0", env=env).ok()
+    kills = 0
+    for i in range(12):
+        proc = rig.cni("ADD", conf, pod=pod, ifname="eth0", env=env, background=True)
+        time.sleep(length * i / 12)
+        kills += proc.poll() is None
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate(timeout=60)
+        if rig.cni("DEL", conf, pod=pod, ifname="eth0", env=env).rc != 0:
+            rig.cni("DEL", conf, pod=pod, ifname="eth0", env=env).ok()  # as containerd retries
+        assert home(rig, nics, A, B), f"kill {i}: a NIC is not home as it was"
+        assert rig.leases() == [] and status_files(dra) == [], f"kill {i}: something leaked"
+        assert not rig.has_link("net1", pod) and not rig.has_link("net2", pod)
+        figures.add(faults_survived=1)
+    assert kills >= 6, f"only {kills} of 12 ADDs were still running when killed"

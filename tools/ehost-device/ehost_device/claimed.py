@@ -27,10 +27,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
+from ehost_device import caller, ipam, locks, plugin
 from ehost_device import conf as cni
-from ehost_device import ipam, locks, plugin
 from ehost_device import result as res
 from ehost_device.conf import CniError, Conf, Env
 from virtcore import alias, claims, netns
@@ -143,7 +143,11 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
         picks = _names(env, c, pod, held) if chained(c) else [_pick(env, pod, uid, held)]
         # Every lock first, in PCI order: two calls wanting overlapping NICs cannot deadlock.
         for pci_address in sorted({d.pci_address for _, d, _ in picks}):
-            hold.enter_context(locks.device_lock(c.sysfs_root, pci_address, c.lock_timeout))
+            hold.enter_context(
+                locks.device_lock(
+                    c.sysfs_root, pci_address, c.lock_timeout, while_waiting=caller.checkpoint
+                )
+            )
         nics = []
         for cl, d, name in picks:
             try:
@@ -174,6 +178,7 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
                 done.append((cl, d, link, got))
             for cl, d, link, got in done:
                 _write_status(env, c, uid, cl, d, link, got, undo)
+            caller.checkpoint("the result was ready")
             undo.pop_all()
     if not chained(c):
         _, d, link, got = done[0]
@@ -289,7 +294,9 @@ def _chained_result(env: Env, c: Conf, done: List[Tuple[Any, Any, Any, Any]]) ->
     """The prevResult, as is, plus the new interfaces, their IPs and routes."""
     out = dict(c.prev_result or {})
     base = len(out.get("interfaces") or [])
-    interfaces, ips, routes = [], [], []
+    interfaces: List[res.Interface] = []
+    ips: List[res.IP] = []
+    routes: List[res.RouteSpec] = []
     dns: Dict[str, Any] = {}
     for i, (_, d, link, got) in enumerate(done):
         interfaces.append(
@@ -340,9 +347,9 @@ def statuses_of(env: Env, c: Conf) -> List[claims.DeviceStatus]:
         log.warning("%s %s: network status files unreadable: %s", env.command, env.container_id, e)
         return []
     out = [s for s in every if s.container_id == env.container_id and s.if_name == env.ifname]
-    for e in bad:
+    for why in bad:
         log.warning(
-            "%s %s: unreadable network status skipped: %s", env.command, env.container_id, e
+            "%s %s: unreadable network status skipped: %s", env.command, env.container_id, why
         )
     return out
 
@@ -538,6 +545,8 @@ def cmd_gc(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
         every = claims.load_statuses(c.policy.dra_state_dir, errors=bad)
     except OSError as e:
         raise CniError(cni.E_IO, "cannot read the network status files", str(e)) from None
+    for why in bad:
+        log.warning("GC: unreadable network status left alone: %s", why)
     stale = [s for s in every if (s.container_id, s.if_name) not in valid]
     if not stale:
         return
@@ -569,7 +578,7 @@ def _is_home(c: Conf, pci_address: str, home: Mapping[str, netns.Link]) -> bool:
     return any(name in home for name in fn.netdevs)
 
 
-COMMANDS = {
+COMMANDS: Dict[str, Callable[[Env, Conf, Mapping[str, str]], Optional[Dict[str, Any]]]] = {
     "ADD": cmd_add,
     "DEL": cmd_del,
     "CHECK": cmd_check,

@@ -74,8 +74,9 @@ def main() -> int:
     gc.disable()
     import json
 
-    from ehost_device import plugin
+    from ehost_device import ipam, plugin
 
+    ipam.die_with_caller()
     status, out = plugin.run(environ, data)
     if out is not None:
         sys.stdout.write(json.dumps(out) + "\n")

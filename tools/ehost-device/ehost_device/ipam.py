@@ -26,6 +26,24 @@ log = logging.getLogger(__name__)
 # sets `fd`): the IPAM plugin's stderr goes there too. In-process it is unset: ours is inherited.
 CALL_STDERR = threading.local()
 
+# In-process (`die_with_caller`), the IPAM plugin dies with us: a runtime that kills a timed-out
+# ADD and sends DEL at once must not have an orphaned IPAM ADD allocate after that DEL ran.
+# The executor outlives its callers and keeps its plugins to the end (serve.Executor).
+_DIE_WITH_CALLER = False
+
+
+def die_with_caller() -> None:
+    global _DIE_WITH_CALLER
+    _DIE_WITH_CALLER = True
+
+
+def _parent_death_kills() -> None:  # runs in the child, between fork and exec
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 9)  # SIGKILL
+
+
 # A 1.1.0 request is retried at this version when the IPAM plugin refuses 1.1.0.
 FALLBACK = {"1.1.0": "1.0.0"}
 
@@ -82,6 +100,7 @@ class Call:
                 # The delegated plugin's stderr is ours (spec, section 4).
                 stderr=getattr(CALL_STDERR, "fd", None),
                 env=self._env,
+                preexec_fn=_parent_death_kills if _DIE_WITH_CALLER else None,
             )
         except OSError as e:
             raise CniError(E_IPAM, f"cannot run IPAM plugin {self.exe}", str(e)) from None

@@ -15,7 +15,7 @@ import errno
 import fcntl
 import os
 import time
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 from ehost_device.conf import E_TRY_AGAIN, CniError
 
@@ -33,7 +33,15 @@ def lock_path(sysfs_root: str, pci_address: str, lock_dir: str = LOCK_DIR) -> st
 
 
 @contextlib.contextmanager
-def device_lock(sysfs_root: str, pci_address: str, timeout: float) -> Iterator[str]:
+def device_lock(
+    sysfs_root: str,
+    pci_address: str,
+    timeout: float,
+    *,
+    while_waiting: Optional[Callable[[str], None]] = None,
+) -> Iterator[str]:
+    """Hold the NIC's lock. `while_waiting(step)` is called between tries (it may raise: an
+    ADD whose caller is gone stops waiting)."""
     path = lock_path(sysfs_root, pci_address)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     deadline = time.monotonic() + timeout
@@ -53,6 +61,8 @@ def device_lock(sysfs_root: str, pci_address: str, timeout: float) -> Iterator[s
                             f"NIC {pci_address} is busy: another CNI call holds its lock",
                             f"waited {timeout:g}s for {path}",
                         ) from None
+                    if while_waiting is not None:
+                        while_waiting(f"the lock of NIC {pci_address} was free")
                     time.sleep(0.01)
             try:
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino

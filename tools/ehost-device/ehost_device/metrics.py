@@ -24,10 +24,17 @@ CALL_SECONDS = Histogram(
 IN_FLIGHT = Gauge(
     "ehost_device_calls_in_flight", "CNI calls the executor is serving now.", registry=REGISTRY
 )
+ABANDONED = Counter(
+    "ehost_device_calls_abandoned",
+    "Calls whose front hung up (killed, or the runtime's budget ran out) before their answer, "
+    "by command: an ADD is then not started, rolled back, or undone; a DEL or CHECK finishes.",
+    ["command"],
+    registry=REGISTRY,
+)
 REFUSED = Counter(
     "ehost_device_frames_refused",
     "Requests the executor refused, by reason (malformed, oversized or truncated frames, "
-    "peers that are not uid 0, calls abandoned by their front).",
+    "peers that are not uid 0, fronts in another network namespace).",
     ["reason"],
     registry=REGISTRY,
 )

@@ -15,8 +15,8 @@ import os
 import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from ehost_device import caller, ipam, locks
 from ehost_device import conf as cni
-from ehost_device import ipam, locks
 from ehost_device import result as res
 from ehost_device.conf import CniError, Conf, Env
 from virtcore import alias, netns, sysfs
@@ -166,13 +166,18 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
     with contextlib.ExitStack() as hold:
         host = hold.enter_context(netns.open_ns(None))
         pci_address = _resolve_pci(c, host)
-        hold.enter_context(locks.device_lock(c.sysfs_root, pci_address, c.lock_timeout))
+        hold.enter_context(
+            locks.device_lock(
+                c.sysfs_root, pci_address, c.lock_timeout, while_waiting=caller.checkpoint
+            )
+        )
         fn, nic = _host_nic(c, host, pci_address)
         _check_allowed(c, host, pci_address, fn, nic)
         pod = _open_pod(hold, env)
         _ifname_free(env, pod, env.ifname)
         with contextlib.ExitStack() as undo:
             link, got = _plumb(env, c, environ, host, pod, pci_address, nic, env.ifname, undo)
+            caller.checkpoint("the result was ready")
             undo.pop_all()
 
     return _add_result(env, c, pci_address, link, got)
@@ -252,6 +257,7 @@ def _plumb(
         env.netns,
     )
 
+    caller.checkpoint("the NIC moved")
     if nic.up:  # links are renamed, and MACs changed, while down
         netns.set_up(host, nic, False, undo=undo)
     netns.set_alias(host, nic, encoded, undo=undo)
@@ -270,6 +276,7 @@ def _plumb(
     if c.ipam_type:
         ipam_type = c.ipam_type
         ipam_env = environ if ifname == env.ifname else {**environ, "CNI_IFNAME": ifname}
+        caller.checkpoint("IPAM ADD")
         # Registered before the call: an IPAM ADD that fails half-way is DELeted too.
         _undo_step(
             undo,

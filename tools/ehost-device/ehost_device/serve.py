@@ -8,6 +8,10 @@ What makes a thread's call look like a process of its own:
 - the environment is the front's (the IPAM plugin runs from its CNI_PATH with it);
 - stderr is the front's: log lines written in the call's thread, and the IPAM plugin's stderr,
   go to the descriptor the front passed (`_RoutedStderr`, `ipam.CALL_STDERR`).
+Each call is owned to its end: calls of one attachment (CNI_CONTAINERID + CNI_IFNAME) run one at
+a time in arrival order (`Turns`), and an ADD whose front hangs up before its answer (killed, or
+the runtime's budget ran out) does not count: it stops at its next step (`caller.checkpoint`)
+and rolls back, or is undone with a DEL once done, before the attachment's next call runs.
 No thread ever switches its network namespace; pyroute2 opens namespace sockets in a forked
 helper (see virtcore.netns).
 
@@ -32,7 +36,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ehost_device import front, metrics
 
@@ -65,6 +69,49 @@ class _RoutedStderr(io.TextIOBase):
 
     def writable(self) -> bool:
         return True
+
+
+class Turns:
+    """Calls of one attachment (CNI_CONTAINERID + CNI_IFNAME) run one at a time, in the order
+    their requests arrived: a runtime's DEL that follows a failed or timed-out ADD at once
+    waits until that ADD has finished or been undone, as it would in-process (where the ADD
+    dies with its process). NICs are serialised separately, by the per-NIC lock that
+    in-process calls share."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.issued: Dict[Tuple[str, str], int] = {}  # tickets handed out, per attachment
+        self.serving: Dict[Tuple[str, str], int] = {}  # the ticket whose turn it is
+
+    def take(self, key: Tuple[str, str]) -> int:
+        with self.cond:
+            ticket = self.issued.get(key, 0)
+            self.issued[key] = ticket + 1
+            self.serving.setdefault(key, 0)
+            return ticket
+
+    def wait(self, key: Tuple[str, str], ticket: int) -> None:
+        with self.cond:
+            while self.serving[key] != ticket:
+                self.cond.wait()
+
+    def done(self, key: Tuple[str, str]) -> None:
+        with self.cond:
+            self.serving[key] += 1
+            if self.serving[key] == self.issued[key]:  # nobody waits: forget the attachment
+                del self.serving[key], self.issued[key]
+            self.cond.notify_all()
+
+    def pending(self) -> int:
+        with self.cond:
+            return sum(self.issued[k] - self.serving[k] for k in self.issued)
+
+
+def _attachment(env: Dict[str, str]) -> Optional[Tuple[str, str]]:
+    """The attachment a call concerns, for the commands that act on one."""
+    if env.get("CNI_COMMAND") in ("ADD", "DEL", "CHECK") and env.get("CNI_CONTAINERID"):
+        return (env["CNI_CONTAINERID"], env.get("CNI_IFNAME", ""))
+    return None
 
 
 class Refused(Exception):
@@ -203,6 +250,7 @@ def _drain(conn: socket.socket) -> None:
 class Executor:
     def __init__(self, path: str) -> None:
         self.path = path
+        self.turns = Turns()
         self.slots = threading.BoundedSemaphore(MAX_PARALLEL)
         self.threads: set = set()
         self.lock = threading.Lock()
@@ -243,26 +291,70 @@ class Executor:
                 metrics.REFUSED.labels(reason="io").inc()
                 log.warning("dropped a request from pid %s: %s", pid, e)
                 return
-            if _peer_gone(conn):
-                # Its front gave up (the executor was stopped or slow past the budget) and
-                # answered 11; the runtime's DEL may already have run: doing the call now
-                # could strand the NIC.
-                metrics.REFUSED.labels(reason="abandoned").inc()
-                log.warning("pid %s gave up before its call ran; dropped it", pid)
+            key = _attachment(env)
+            if key is None:
+                self._serve_call(conn, pid, flags, err, env, data, fds)
                 return
-            pod_fd = fds[1] if flags & front.F_POD_NETNS else None
-            err_fd = fds[-1] if flags & front.F_STDERR else None
-            status, out = self._run(env, data, pod_fd, err, err_fd)
-            conn.settimeout(SEND_TIMEOUT)
+            ticket = self.turns.take(key)
             try:
-                self._reply(conn, front.RESULT, status, out)
-            except OSError as e:
-                log.warning("could not answer pid %s: %s", pid, e)
+                self.turns.wait(key, ticket)
+                self._serve_call(conn, pid, flags, err, env, data, fds)
+            finally:
+                self.turns.done(key)
         finally:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             conn.close()
+
+    def _serve_call(
+        self,
+        conn: socket.socket,
+        pid: int,
+        flags: int,
+        pod_errno: int,
+        env: Dict[str, str],
+        data: bytes,
+        fds: List[int],
+    ) -> None:
+        """Run one call (its attachment's turn held) and answer it. An ADD whose front is gone
+        before the answer does not count: it is not started, stops at its next step, or is
+        undone once done; a DEL or CHECK simply finishes (DEL is idempotent)."""
+        command = env.get("CNI_COMMAND", "")
+        if command != "DEL" and _peer_gone(conn):
+            # Its front gave up (the runtime's budget, or the front was killed) while the call
+            # waited for its turn or a slot; the runtime's DEL may follow or have run.
+            metrics.ABANDONED.labels(command=command or "?").inc()
+            log.warning("pid %s gave up before its %s ran; dropped it", pid, command or "call")
+            return
+        pod_fd = fds[1] if flags & front.F_POD_NETNS else None
+        err_fd = fds[-1] if flags & front.F_STDERR else None
+        status, out = self._run(env, data, pod_fd, pod_errno, err_fd, gone=lambda: _peer_gone(conn))
+        if command == "ADD" and status == 0 and _peer_gone(conn):
+            answered = False
+        else:
+            conn.settimeout(SEND_TIMEOUT)
+            try:
+                self._reply(conn, front.RESULT, status, out)
+                answered = True
+            except OSError as e:
+                log.warning("could not answer pid %s: %s", pid, e)
+                answered = False
+        if answered or command != "ADD":
+            return
+        metrics.ABANDONED.labels(command=command).inc()
+        if status != 0:  # it failed (or stopped at a step because the caller was gone): rolled back
+            log.warning("pid %s gave up on its ADD; the ADD failed and was rolled back", pid)
+            return
+        log.warning("pid %s gave up on its ADD after it was done; undoing it", pid)
+        undo_env = dict(env, CNI_COMMAND="DEL")
+        status, out = self._run(undo_env, data, pod_fd, pod_errno, None, what="undo-ADD")
+        if status != 0:
+            log.error(
+                "could not undo the abandoned ADD of %s: %s (the runtime's DEL tries again)",
+                env.get("CNI_CONTAINERID", "-"),
+                out.decode("utf-8", "replace").strip(),
+            )
 
     def _reply(self, conn: socket.socket, kind: int, status: int, payload: bytes) -> None:
         head = front.RESPONSE.pack(front.MAGIC, front.VERSION, kind, status, len(payload))
@@ -275,8 +367,11 @@ class Executor:
         pod_fd: Optional[int],
         pod_errno: int,
         err_fd: Optional[int],
+        *,
+        gone: Optional[Callable[[], bool]] = None,
+        what: str = "",
     ) -> Tuple[int, bytes]:
-        from ehost_device import cli, ipam, plugin
+        from ehost_device import caller, cli, ipam, plugin
         from virtcore import netns
 
         command = env.get("CNI_COMMAND", "")
@@ -293,7 +388,7 @@ class Executor:
         t0 = time.monotonic()
         status, result = 1, "error"
         try:
-            with netns.pinned(env.get("CNI_NETNS", ""), pod_fd, pod_errno):
+            with netns.pinned(env.get("CNI_NETNS", ""), pod_fd, pod_errno), caller.watching(gone):
                 status, out = plugin.run(env, data)
             result = "ok" if status == 0 else f"error-{out.get('code') if out else '?'}"
             return status, (json.dumps(out) + "\n").encode() if out is not None else b""
@@ -303,7 +398,7 @@ class Executor:
             metrics.call_done(command or "?", result, elapsed)
             log.info(
                 "call %s %s: %s in %.1f ms",
-                command or "-",
+                what or command or "-",
                 env.get("CNI_CONTAINERID", "") or "-",
                 result,
                 elapsed * 1000,

@@ -293,12 +293,12 @@ def claims(
         except kubeapi.KubeConfigError as e:
             raise _fail(str(e)) from None
         try:
-            api = prepared.from_api(kube, record.claims)
+            api = prepared.from_api(kube, record.prepared)
         finally:
             kube.close()
         _say(f"API: {kube.host} ({kube.source})")
     _say(
-        f"{len(record.claims)} prepared claims, {len(record.statuses)} network status files "
+        f"{len(record.prepared)} prepared claims, {len(record.statuses)} network status files "
         f"in {record.directory}"
     )
     for p in problems:

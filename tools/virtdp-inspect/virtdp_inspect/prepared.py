@@ -18,7 +18,7 @@ class Record:
     """What the node holds: prepared claims, network status files, and what was wrong."""
 
     directory: str
-    claims: Tuple[claims.PreparedClaim, ...]
+    prepared: Tuple[claims.PreparedClaim, ...]
     statuses: Tuple[claims.DeviceStatus, ...]
     problems: Tuple[str, ...]
 
@@ -115,7 +115,7 @@ def rows(
     (with `api`) the API's allocation and device status for it."""
     statuses = {(s.claim_uid, s.device): s for s in record.statuses}
     out = []
-    for c in record.claims:
+    for c in record.prepared:
         for d in c.devices:
             place = locator.place(d.pci_address)
             s = statuses.get((c.uid, d.device))
