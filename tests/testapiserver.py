@@ -40,9 +40,12 @@ generic registry, patch and watch handling (k8s.io/apiserver):
   than the retained history (`compact()`) -- answers 200 with one ERROR event carrying a
   410 Expired Status, as the watch cache does. `allowWatchBookmarks=true` adds BOOKMARK events
   (an object of the kind with only metadata.resourceVersion) every `bookmark_interval` seconds
-  and, as the real server does, one just before a `timeoutSeconds` ends the stream. A watch
-  ends on timeout, when the server stops or goes down; events are newline-delimited JSON in
-  chunked encoding.
+  and one as `timeoutSeconds` ends the stream, as the watch cache does once it has seen a
+  revision of the resource (a 1.36.2 server whose cache had seen none sent no bookmark in a
+  90 s watch: `bookmarks = False` models that; clients must not rely on them). A watch ends on
+  timeout, when the server stops or goes down; events are newline-delimited JSON in chunked
+  encoding. The 410 body is the real one (checked against 1.36.2: "too old resource version:
+  1 (339)", reason Expired).
 - `netns=PATH` listens on 127.0.0.1 inside that network namespace (a daemon under test that
   runs there reaches it; the socket is made by a throwaway thread that enters the namespace).
 - Faults: `down()` closes the listening socket and every open connection (clients get
