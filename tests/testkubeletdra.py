@@ -518,9 +518,9 @@ class TestDraKubelet:
             answers = self._call(driver, "NodePrepareResources", batch)
             for uid, result in answers.items():
                 devices = [dra_pb2.Device.FromString(d.SerializeToString()) for d in result.devices]
-                claim = next(c for c in batch if c.uid == uid)
+                ref = next(c for c in batch if c.uid == uid)
                 with self.lock:
-                    self.claims[(claim.namespace, claim.name)].devices[driver] = devices
+                    self.claims[(ref.namespace, ref.name)].devices[driver] = devices
         with self.lock:
             for info in todo:
                 info.prepared = True
