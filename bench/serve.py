@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", "tests", "serve"), os.path.join(HERE, "..", "tests")]
@@ -212,6 +212,25 @@ def _make_nics(lab: ServeLab, first: int, count: int, half_down: bool = True) ->
     return addrs
 
 
+def _at_rest(pid: int, seconds: float) -> Tuple[float, float, float, float, float]:
+    """After 2 s to settle (start-up work is not "at rest"): the CPU share of one core the
+    process used over `seconds`, with the CPU seconds and monotonic times at both ends."""
+    time.sleep(2.0)
+    c0, w0 = _cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    c1, w1 = _cpu_seconds(pid), time.monotonic()
+    return (c1 - c0) / (w1 - w0) * 100, c0, c1, w0, w1
+
+
+def _add_veth(lab: ServeLab, i: int) -> None:
+    """Veth t<i> in the node namespace, its peer wt<i> in the wire namespace (admin down)."""
+    subprocess.run(
+        ["ip", "-n", lab.node.name, "link", "add", f"t{i}", "type", "veth"]
+        + ["peer", "name", f"wt{i}", "netns", lab.wire.name],
+        check=True,
+    )
+
+
 def bench_idle(nics: int, seconds: float) -> None:
     """At-rest CPU of the daemon with `nics` NICs in one pool, start -> listed, hot-plug."""
     lab = ServeLab()
@@ -223,11 +242,7 @@ def bench_idle(nics: int, seconds: float) -> None:
         lab.kubelet.wait_registered(RES, timeout=60)
         lab.kubelet.wait(lambda: len(lab.kubelet.devices.get(RES, {})) == nics, 60, "all listed")
         listed = time.monotonic() - t0
-        time.sleep(2.0)  # settle: the start-up work is not "at rest"
-        c0, w0 = _cpu_seconds(proc.pid), time.monotonic()
-        time.sleep(seconds)
-        c1, w1 = _cpu_seconds(proc.pid), time.monotonic()
-        share = (c1 - c0) / (w1 - w0) * 100
+        share, c0, c1, w0, w1 = _at_rest(proc.pid, seconds)
         resyncs = lab.metric('virtdp_rescans_total{reason="resync"}')
         print(
             f"idle {nics} NICs: CPU {share:.3f} % of a core over {w1 - w0:.1f}s at rest "
@@ -239,24 +254,7 @@ def bench_idle(nics: int, seconds: float) -> None:
         hot: List[float] = []
         for k in range(5):
             i = nics + k
-            subprocess.run(
-                [
-                    "ip",
-                    "-n",
-                    lab.node.name,
-                    "link",
-                    "add",
-                    f"t{i}",
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    f"wt{i}",
-                    "netns",
-                    lab.wire.name,
-                ],
-                check=True,
-            )
+            _add_veth(lab, i)
             bus, dev = divmod(i, 32)
             addr = f"0000:{bus + 1:02x}:{dev:02x}.0"
             t1 = time.monotonic()
@@ -360,25 +358,7 @@ def bench_dra_slices(flaps: int) -> None:
         for k in range(5):
             i = 20 + k
             a = f"0000:00:{i:02x}.0"
-            subprocess.run(
-                [
-                    "ip",
-                    "-n",
-                    lab.node.name,
-                    "link",
-                    "add",
-                    f"t{i}",
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    f"wt{i}",
-                    "netns",
-                    lab.wire.name,
-                ],
-                check=True,
-            )
-            t0 = time.monotonic()
+            _add_veth(lab, i)
             lab.sysfs.add_virtio_nic(a, f"t{i}")
             lab.uevent(f"t{i}", "add")
             hot.append(_until(lambda a=a: _slice_taints(lab, claims.device_name(a)) is not None))
@@ -417,16 +397,16 @@ def bench_dra_idle(nics: int, seconds: float) -> None:
 
         _until(lambda: published() == nics - half, 60)
         ready = time.monotonic() - t0
-        time.sleep(2.0)
-        c0, w0 = _cpu_seconds(proc.pid), time.monotonic()
-        time.sleep(seconds)
-        c1, w1 = _cpu_seconds(proc.pid), time.monotonic()
-        share = (c1 - c0) / (w1 - w0) * 100
+        share, c0, c1, w0, w1 = _at_rest(proc.pid, seconds)
+        writes = sum(
+            float(line.rpartition(" ")[2])
+            for line in lab.http("/metrics")[1].splitlines()
+            if line.startswith("virtdp_dra_slice_writes_total{")
+        )
         print(
             f"idle {nics} NICs, DRA on (--mode both, {nics - half} DRA + {half} device plugin): "
             f"CPU {share:.3f} % of a core over {w1 - w0:.1f}s at rest ({c1 - c0:.2f}s CPU); "
-            f"start -> listed and published {ready:.2f}s; slice writes "
-            f"{lab.metric('virtdp_dra_slice_writes_total')}",
+            f"start -> listed and published {ready:.2f}s; {writes:.0f} slice writes in all",
             flush=True,
         )
     finally:

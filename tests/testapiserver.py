@@ -40,9 +40,12 @@ generic registry, patch and watch handling (k8s.io/apiserver):
   than the retained history (`compact()`) -- answers 200 with one ERROR event carrying a
   410 Expired Status, as the watch cache does. `allowWatchBookmarks=true` adds BOOKMARK events
   (an object of the kind with only metadata.resourceVersion) every `bookmark_interval` seconds
-  and, as the real server does, one just before a `timeoutSeconds` ends the stream. A watch
-  ends on timeout, when the server stops or goes down; events are newline-delimited JSON in
-  chunked encoding.
+  and one as `timeoutSeconds` ends the stream, as the watch cache does once it has seen a
+  revision of the resource (a 1.36.2 server whose cache had seen none sent no bookmark in a
+  90 s watch: `bookmarks = False` models that; clients must not rely on them). A watch ends on
+  timeout, when the server stops or goes down; events are newline-delimited JSON in chunked
+  encoding. The 410 body is the real one (checked against 1.36.2: "too old resource version:
+  1 (339)", reason Expired).
 - `netns=PATH` listens on 127.0.0.1 inside that network namespace (a daemon under test that
   runs there reaches it; the socket is made by a throwaway thread that enters the namespace).
 - Faults: `down()` closes the listening socket and every open connection (clients get
@@ -51,6 +54,8 @@ generic registry, patch and watch handling (k8s.io/apiserver):
   (a label) just before the next write to it arrives, so that write meets a genuine 409;
   `bookmarks = False` ignores allowWatchBookmarks (which servers may do), so a watch that
   ends leaves the client with the version of its last event.
+- `gates["DRADeviceTaints"] = False` drops device taints from slices that had none, as a
+  1.34/1.35 server does by default.
 - Not modelled: authentication/authorization (any request is allowed), server-side apply,
   managedFields, finalizers and graceful deletion, sendInitialEvents, resourceVersionMatch,
   paging (limit/continue), protobuf and CBOR. Unknown fields are dropped with a `Warning`
@@ -661,7 +666,10 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 # Lists whose Go type carries patchStrategy:"merge" (path -> merge key); all others replace.
-_SMP_MERGE_KEYS = {("status", "reservedFor"): "uid", ("metadata", "ownerReferences"): "uid"}
+_SMP_MERGE_KEYS: Dict[Tuple[str, ...], str] = {
+    ("status", "reservedFor"): "uid",
+    ("metadata", "ownerReferences"): "uid",
+}
 
 
 def strategic_merge_patch(target: Any, patch: Any, path: Tuple[str, ...] = ()) -> Any:
@@ -956,6 +964,8 @@ class TestApiServer:
         self.bookmark_interval = bookmark_interval
         self.netns = netns  # listen on 127.0.0.1 of this network namespace (a path)
         self.bookmarks = True  # False: ignore allowWatchBookmarks (servers may)
+        # Feature gates that change what is stored (Kubernetes 1.36 defaults).
+        self.gates = {"DRADeviceTaints": True}
         self.history = history
         self.slow = 0.0
         self.lock = threading.Condition()
@@ -1120,9 +1130,14 @@ class TestApiServer:
         stored["metadata"]["resourceVersion"] = str(self.rv)
         self._record("MODIFIED", kind, stored)
 
-    def _prepare(self, kind: Kind, obj: Obj) -> None:
+    def _prepare(self, kind: Kind, obj: Obj, old: Optional[Obj] = None) -> None:
         if kind.resource == "resourceslices":
             self.unknown_fields += _prune_slice(obj)
+            if not self.gates["DRADeviceTaints"] and not _uses_taints(old):
+                # dropDisabledDRADeviceTaintsFields: off, and the old object has none.
+                for dev in (obj.get("spec") or {}).get("devices") or []:
+                    if isinstance(dev, dict):
+                        dev.pop("taints", None)
             now = _now()
             for dev in (obj.get("spec") or {}).get("devices") or []:
                 for taint in (dev.get("taints") if isinstance(dev, dict) else None) or []:
@@ -1224,7 +1239,7 @@ class TestApiServer:
                     obj["status"] = copy.deepcopy(old["status"])
                 elif kind.status:
                     obj.pop("status", None)
-            self._prepare(kind, obj)
+            self._prepare(kind, obj, old)
             if kind.resource == "resourceslices":
                 causes = validate_slice(obj, old)
             elif kind.resource == "resourceclaims" and subresource == "status":
@@ -1383,6 +1398,11 @@ class TestApiServer:
                 "metadata": {"resourceVersion": str(rv)},
             },
         }
+
+
+def _uses_taints(slice_obj: Optional[Obj]) -> bool:
+    devices = ((slice_obj or {}).get("spec") or {}).get("devices") or []
+    return any(isinstance(d, dict) and d.get("taints") for d in devices)
 
 
 def _socket_in(netns: str) -> socket.socket:

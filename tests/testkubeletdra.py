@@ -451,6 +451,31 @@ class TestDraKubelet:
             return dra_v1beta1_pb2_grpc.DRAPluginStub(plugin.channel), dra_v1beta1_pb2
         return dra_pb2_grpc.DRAPluginStub(plugin.channel), dra_pb2
 
+    def _call(self, driver: str, method: str, batch: List[dra_pb2.Claim]) -> Dict[str, Any]:
+        """One Node(Un)PrepareResources call with the kubelet's checks of the answer: an RPC
+        error, a claim's error, an answer for a claim not asked for, or a claim left out fails
+        it. Returns claim uid -> its answer."""
+        stub, pb = self._stub(self.plugin(driver))
+        request = getattr(pb, f"{method}Request")(
+            claims=[pb.Claim(namespace=c.namespace, uid=c.uid, name=c.name) for c in batch]
+        )
+        self.calls.append((driver, method, [c.uid for c in batch]))
+        try:
+            resp = getattr(stub, method)(request, timeout=CALL_TIMEOUT)
+        except grpc.RpcError as e:
+            raise DraError(f"{method}: {e.code().name}: {e.details()}") from None
+        asked = {c.uid: c for c in batch}
+        for uid, result in resp.claims.items():
+            if uid not in asked:
+                raise DraError(f"{method} returned result for unknown claim UID {uid}")
+            if result.error:
+                raise DraError(
+                    f"{method} failed for ResourceClaim {asked[uid].name}: {result.error}"
+                )
+        if len(resp.claims) != len(batch):
+            raise DraError(f"{method} skipped {len(batch) - len(resp.claims)} ResourceClaims")
+        return dict(resp.claims)
+
     def prepare(self, pod_uid: str, claims: Sequence[Obj]) -> Dict[str, List[dra_pb2.Device]]:
         """Before the sandbox: every claim of the pod (the API objects, as the kubelet reads
         them). Returns claim uid -> devices. DraError when the pod cannot start."""
@@ -490,33 +515,12 @@ class TestDraKubelet:
                         dra_pb2.Claim(namespace=info.namespace, uid=info.uid, name=info.name)
                     )
         for driver, batch in batches.items():
-            plugin = self.plugin(driver)
-            stub, pb = self._stub(plugin)
-            req = pb.NodePrepareResourcesRequest(
-                claims=[pb.Claim(namespace=c.namespace, uid=c.uid, name=c.name) for c in batch]
-            )
-            self.calls.append((driver, "NodePrepareResources", [c.uid for c in batch]))
-            try:
-                resp = stub.NodePrepareResources(req, timeout=CALL_TIMEOUT)
-            except grpc.RpcError as e:
-                raise DraError(f"NodePrepareResources: {e.code().name}: {e.details()}") from None
-            asked = {c.uid: c for c in batch}
-            for uid, result in resp.claims.items():
-                if uid not in asked:
-                    raise DraError(f"NodePrepareResources returned result for unknown claim {uid}")
-                if result.error:
-                    raise DraError(
-                        f"NodePrepareResources failed for ResourceClaim {asked[uid].name}: "
-                        f"{result.error}"
-                    )
+            answers = self._call(driver, "NodePrepareResources", batch)
+            for uid, result in answers.items():
                 devices = [dra_pb2.Device.FromString(d.SerializeToString()) for d in result.devices]
+                ref = next(c for c in batch if c.uid == uid)
                 with self.lock:
-                    info = self.claims[(asked[uid].namespace, asked[uid].name)]
-                    info.devices[driver] = devices
-            if len(resp.claims) != len(batch):
-                raise DraError(
-                    f"NodePrepareResources skipped {len(batch) - len(resp.claims)} ResourceClaims"
-                )
+                    self.claims[(ref.namespace, ref.name)].devices[driver] = devices
         with self.lock:
             for info in todo:
                 info.prepared = True
@@ -549,32 +553,7 @@ class TestDraKubelet:
                         dra_pb2.Claim(namespace=namespace, uid=info.uid, name=name)
                     )
         for driver, batch in batches.items():
-            plugin = self.plugin(driver)
-            stub, pb = self._stub(plugin)
-            req = pb.NodeUnprepareResourcesRequest(
-                claims=[pb.Claim(namespace=c.namespace, uid=c.uid, name=c.name) for c in batch]
-            )
-            self.calls.append((driver, "NodeUnprepareResources", [c.uid for c in batch]))
-            try:
-                resp = stub.NodeUnprepareResources(req, timeout=CALL_TIMEOUT)
-            except grpc.RpcError as e:
-                raise DraError(f"NodeUnprepareResources: {e.code().name}: {e.details()}") from None
-            asked = {c.uid: c for c in batch}
-            for uid, result in resp.claims.items():
-                if uid not in asked:
-                    raise DraError(
-                        f"NodeUnprepareResources returned result for unknown claim UID {uid}"
-                    )
-                if result.error:
-                    raise DraError(
-                        f"NodeUnprepareResources failed for ResourceClaim {asked[uid].name}: "
-                        f"{result.error}"
-                    )
-            if len(resp.claims) != len(batch):
-                raise DraError(
-                    f"NodeUnprepareResources skipped {len(batch) - len(resp.claims)} "
-                    "ResourceClaims"
-                )
+            self._call(driver, "NodeUnprepareResources", batch)
         with self.lock:
             for key in done:
                 self.claims.pop(key, None)

@@ -23,6 +23,7 @@ TOOLS = {
 }
 PAGES = (
     "operator-guide.md",
+    "dra-operator.md",
     "architecture.md",
     "config-reference.md",
     "metrics.md",

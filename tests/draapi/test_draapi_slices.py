@@ -70,8 +70,11 @@ def test_published_shape(api: TestApiServer, publisher: slices.Publisher) -> Non
         assert s["metadata"]["ownerReferences"] == [
             {"apiVersion": "v1", "kind": "Node", "name": NODE, "uid": node_uid, "controller": True}
         ]
-    names = [d["name"] for s in sorted(got, key=lambda s: s["spec"]["devices"][0]["name"])
-             for d in s["spec"]["devices"]]  # fmt: skip
+    names = [
+        d["name"]
+        for s in sorted(got, key=lambda s: s["spec"]["devices"][0]["name"])
+        for d in s["spec"]["devices"]
+    ]
     assert names == sorted(names) and len(set(names)) == 130
     dev = devices(api)["pci-0000-01-05-0"]
     assert dev["attributes"] == {
@@ -320,3 +323,20 @@ def test_missing_node_is_retried(api: TestApiServer, kube: kubeapi.Kube) -> None
 
 def test_device_names_match_the_contract() -> None:
     assert dra(0).name == "pci-0000-01-00-0" and pci(33) == "0000:02:01.0"
+
+
+def test_server_without_device_taints(api: TestApiServer, publisher: slices.Publisher) -> None:
+    """Kubernetes 1.34/1.35 by default (DRADeviceTaints off) drops taints from what it stores:
+    a NIC with a problem is left out instead, and nothing is rewritten in a loop."""
+    api.gates["DRADeviceTaints"] = False
+    publisher.update([dra(0), dra(1)])
+    published(publisher)
+    publisher.update([dra(0, problem=NO_CARRIER), dra(1)])
+    published(publisher)
+    assert set(devices(api)) == {dra(1).name} and publisher.taints_supported is False
+    writes = publisher.state()["writes"]
+    time.sleep(0.5)
+    assert publisher.state()["writes"] == writes
+    publisher.update([dra(0), dra(1)])  # carrier back: offered again
+    published(publisher)
+    assert set(devices(api)) == {dra(0).name, dra(1).name}

@@ -241,7 +241,8 @@ class StatusWriter:
         if ref is None:
             return  # never seen with a namespace and name: nothing of ours can be there
         namespace, name = ref
-        api = self.kube.resource()
+        # Any: with _preload_content=False the calls return the raw urllib3 response.
+        api: Any = self.kube.resource()
         for _ in range(10):
             try:
                 resp = api.read_namespaced_resource_claim(

@@ -11,7 +11,9 @@ Shape of what is published (resource.k8s.io/v1):
   `resource.kubernetes.io/pciBusID` and, where sysfs gives it, `resource.kubernetes.io/pcieRoot`.
 - Taints (effect NoSchedule): `<driver>/no-carrier` on a NIC the inventory holds unhealthy
   (carrier lost while admin-up), `<driver>/no-netdev` on a NIC whose netdev is not in the node's
-  namespace although no prepared claim holds it. Each keeps the time it was first seen.
+  namespace although no prepared claim holds it. Each keeps the time it was first seen. An
+  API server that drops taints (Kubernetes 1.34/1.35, feature gate DRADeviceTaints off by
+  default) makes the publisher leave such NICs out of the slices instead.
 
 How it stays current, with no polling:
 - `update(devices, in_use=...)` (the daemon, after inventory changes) records what should be
@@ -47,8 +49,6 @@ import random
 import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
-
-from kubernetes.watch.watch import iter_resp_lines
 
 from virtcore import kubeapi
 from virtdp_serve import metrics
@@ -103,8 +103,11 @@ class DesiredState:
                 if name not in self.remembered and (ifname or mac):
                     self.remembered[name] = _Remembered(ifname, mac)
 
-    def devices(self, devices: Iterable[DraDevice]) -> List[Obj]:
-        out = [self.device(d) for d in sorted(devices, key=lambda d: d.name)]
+    def devices(self, devices: Iterable[DraDevice], *, taints: bool = True) -> List[Obj]:
+        """The API Device objects, by name. `taints` False (the API server drops them): a NIC
+        with a problem is left out instead, so that nothing schedules onto it."""
+        ordered = sorted(devices, key=lambda d: d.name)
+        out = [self.device(d) for d in ordered if taints or d.problem is None]
         live = {(e["name"], t["key"]) for e in out for t in e.get("taints", ())}
         # A taint that went away starts a new time when it comes back.
         for key in [k for k in self.taint_times if k not in live]:
@@ -204,6 +207,7 @@ class Publisher:
         self._threads: List[threading.Thread] = []
         # What the writer last achieved (readiness, tests, bench).
         self.generation = 0
+        self.taints_supported: Optional[bool] = None  # unknown until a tainted device is sent
         self.in_sync = False
         self.last_error: Optional[str] = None
         self.writes = 0
@@ -263,7 +267,8 @@ class Publisher:
 
     # -- watcher ---------------------------------------------------------------------------
     def _watch_loop(self) -> None:
-        api = self.kube.resource()
+        # Any: with _preload_content=False the calls return the raw urllib3 response.
+        api: Any = self.kube.resource()
         delay = BACKOFF_MIN
         first = True
         while not self._stopping:
@@ -304,6 +309,8 @@ class Publisher:
 
     def _watch_once(self, api: Any, rv: str) -> str:
         """One watch request from `rv` until the server ends it; the version to go on from."""
+        from kubernetes.watch.watch import iter_resp_lines
+
         resp = api.list_resource_slice(
             field_selector=self.selector,
             watch=True,
@@ -404,8 +411,8 @@ class Publisher:
         """The Node as ownerReference (controller): the garbage collector deletes the slices
         with the Node. `fresh`: read its UID again (the Node may have been re-created)."""
         if fresh or self._node_uid is None:
-            node = self.kube.core().read_node(self.node, _request_timeout=self.kube.timeout)
-            self._node_uid = str(node.metadata.uid)
+            node = self.kube.get_json("/api/v1/nodes/{name}", name=self.node)
+            self._node_uid = str(node["metadata"]["uid"])
         return {
             "apiVersion": "v1",
             "kind": "Node",
@@ -416,7 +423,9 @@ class Publisher:
 
     def _reconcile(self) -> None:
         with self._cond:
-            entries = self._desired.devices(self._devices or ())
+            entries = self._desired.devices(
+                self._devices or (), taints=self.taints_supported is not False
+            )
             current = sorted(self._cache.values(), key=_slice_order)
         want = chunks(entries, self.slice_devices)
         generation = max((_generation(s) for s in current), default=0)
@@ -443,7 +452,8 @@ class Publisher:
             target = max(generation, self.generation) + 1
         self._pending = (want, target)
         pool = {"name": self.node, "generation": target, "resourceSliceCount": len(want)}
-        api = self.kube.resource()
+        # Any: with _preload_content=False the calls return the raw urllib3 response.
+        api: Any = self.kube.resource()
         # Obsolete slices first, as upstream's controller does: NICs that are gone stop being
         # offered even if writing the others fails.
         for extra in current[len(want) :]:
@@ -517,6 +527,19 @@ class Publisher:
         with self._cond:
             self.writes += 1
             self._remember(stored)
+        sent_taints = any("taints" in d for d in body["spec"]["devices"])
+        if sent_taints and not any("taints" in d for d in stored["spec"].get("devices") or []):
+            # Kubernetes before 1.36 has device taints behind the DRADeviceTaints feature gate,
+            # off by default, and then drops them from what it stores: comparing would rewrite
+            # the slice for ever.
+            log.warning(
+                "the API server dropped the device taints (feature gate DRADeviceTaints off): "
+                "NICs without carrier or netdev are left out of the ResourceSlices instead"
+            )
+            self.taints_supported = False
+            raise _Retry()
+        if sent_taints:
+            self.taints_supported = True
 
     def _delete(self, api: Any, obj: Obj) -> None:
         meta = obj["metadata"]
