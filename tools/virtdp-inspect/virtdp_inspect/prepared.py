@@ -5,7 +5,6 @@ the API server says of the claim (its allocation, reservedFor and device status)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -48,6 +47,8 @@ def read(directory: str) -> Record:
 
 # -- the API's view -------------------------------------------------------------------------------
 
+CLAIM_PATH = "/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims/{name}"
+
 
 @dataclass(frozen=True)
 class ApiClaim:
@@ -64,14 +65,10 @@ def from_api(kube: Any, prepared: Sequence[claims.PreparedClaim]) -> Dict[str, A
     """Each prepared claim read from the API (by namespace and name), by our record's UID."""
     from virtcore import kubeapi
 
-    api = kube.resource()
     out: Dict[str, ApiClaim] = {}
     for c in prepared:
         try:
-            resp = api.read_namespaced_resource_claim(
-                c.name, c.namespace, _request_timeout=kube.timeout, _preload_content=False
-            )
-            obj = json.loads(resp.data)
+            obj = kube.get_json(CLAIM_PATH, namespace=c.namespace, name=c.name)
         except Exception as e:  # noqa: BLE001 - classified below, else re-raised
             f = kubeapi.failure(e)
             if f is None:
