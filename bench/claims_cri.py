@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 ROOT = Path(__file__).resolve().parent.parent
-for root in ("tests/runtime", "tests", "libs/virtcore", "tools/ehost-device"):
+for root in ("tests/runtime", "tests", "libs/virtcore", "tools/ehost-device", "."):
     if str(ROOT / root) not in sys.path:
         sys.path.insert(0, str(ROOT / root))
 
@@ -40,27 +38,16 @@ def main() -> int:
     ap.add_argument("--source", action="store_true", help="ehost-device from source, not a PEX")
     ap.add_argument("--mode", choices=("in-process", "executor"), default="in-process")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench/claims_cri.py: needs root", file=sys.stderr)
-        return 2
-    if args.source:
-        os.environ.pop("VIRTDP_PEX_DIR", None)
-    os.environ.setdefault(
-        "PYTHONPATH",
-        os.pathsep.join(str(ROOT / r) for r in ("libs/virtcore", "tools/ehost-device")),
-    )
-    if not (ROOT / "tests/runtime/cri_api_pb2.py").exists():
-        subprocess.run([str(ROOT / "build-support/devgen")], check=True)
+    from bench.cri import prepare
 
-    import claimlab
-    import containerd
-    import crilab
-    from toolrun import node_policy
-
-    why = containerd.missing()
+    why = prepare(args.source)
     if why:
         print(f"bench/claims_cri.py: {why}", file=sys.stderr)
         return 2
+    import claimlab
+    import crilab
+    from toolrun import node_policy
+
     times: Dict[str, Dict[str, List[float]]] = {c: {"run": [], "stop": []} for c in CASES}
     with tempfile.TemporaryDirectory(prefix="bench-claims-") as tmp:
         lab = crilab.CriLab(Path(tmp), mode=args.mode)
