@@ -10,8 +10,9 @@ plugins on the host) so `ip netns exec` itself is not timed; the executor (`ehos
 runs there too, on a socket in a temporary directory. Runs are interleaved, rotating which
 goes first; medians and the ratio to host-device are printed, one table per mode, then where
 the executor mode's time goes (the executor's own time per call, from its log, against the
-front's wall time), VERSION through the front against a bare `python3 -I -S -c pass`, and the
-idle executor's resident memory.
+front's wall time), VERSION through the front against a bare `python3 -I -S -c pass`, the
+idle executor's resident memory, and then, from bench/ehost_breakdown.py, where each millisecond
+of ADD, CHECK and DEL goes on the executor's side and on the front's.
 ehost-device runs as `dist/ehost-device.pex` if that exists (and --source is not given), else
 `python -m ehost_device` with the interpreter running this script.
 Everything it makes is deleted at the end, also on failure.
@@ -124,7 +125,7 @@ def inner(args: argparse.Namespace) -> None:
                 serve_log.seek(0)
                 raise SystemExit(f"the executor did not start: {serve_log.read()}")
             time.sleep(0.05)
-        _timing(args, ours, ours_env, sock, serve, serve_log)
+        _timing(args, ours, ours_env, sock, serve, serve_log, policy)
     finally:
         serve.terminate()
         serve.wait(30)
@@ -132,7 +133,7 @@ def inner(args: argparse.Namespace) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _timing(args, ours, ours_env, sock, serve, serve_log) -> None:  # type: ignore[no-untyped-def]
+def _timing(args, ours, ours_env, sock, serve, serve_log, policy) -> None:  # type: ignore[no-untyped-def]
     def ehost(pci: str, addr: str) -> Dict:
         return {
             "cniVersion": VERSION,
@@ -224,6 +225,18 @@ def _timing(args, ours, ours_env, sock, serve, serve_log) -> None:  # type: igno
     idle_cpu = _cpu_ticks(serve.pid) - ticks
     rss = _rss_kib(serve.pid) / 1024
     print(f"executor idle RSS {rss:.1f} MiB   CPU ticks in 2 s idle: {idle_cpu}")
+    sys.stdout.flush()
+
+    # Where each millisecond goes: a process of its own, run as bench.ehost_breakdown from the
+    # tree's root, where this file's name does not hide the ehost_device package.
+    subprocess.run(
+        [sys.executable, "-m", "bench.ehost_breakdown", "-n", str(args.n)]
+        + ["--pci", "0000:00:08.0", "--pod", args.pod_d, "--policy", policy]
+        + ["--ours", json.dumps(ours), "--socket", sock, "--serve-log", serve_log.name],
+        env={**os.environ, "PYTHONPATH": os.environ["BENCH_PYTHONPATH"]},
+        cwd=ROOT,
+        check=True,
+    )
 
 
 def outer(args: argparse.Namespace) -> None:
@@ -232,17 +245,21 @@ def outer(args: argparse.Namespace) -> None:
 
     made: List[Netns] = []
     try:
-        node, wire, pod_a, pod_b, pod_c = (Netns(p) for p in ("bn", "bw", "bpa", "bpb", "bpc"))
-        made += [node, wire, pod_a, pod_b, pod_c]
+        names = ("bn", "bw", "bpa", "bpb", "bpc", "bpd")
+        node, wire, pod_a, pod_b, pod_c, pod_d = (Netns(p) for p in names)
+        made += [node, wire, pod_a, pod_b, pod_c, pod_d]
         veth(node, "ens5", wire, f"w{secrets.token_hex(3)}")
         veth(node, "ens6", wire, f"w{secrets.token_hex(3)}")
         veth(node, "ens7", wire, f"w{secrets.token_hex(3)}")
+        veth(node, "ens8", wire, f"w{secrets.token_hex(3)}")
         with tempfile.TemporaryDirectory() as tmp:
             fake = FakeSysfs(Path(tmp) / "sys")
             mac = json.loads(ip("-j", "link", "show", "ens5", ns=node.name).stdout)[0]["address"]
             fake.add_virtio_nic("0000:00:05.0", "ens5", mac=mac)
             mac7 = json.loads(ip("-j", "link", "show", "ens7", ns=node.name).stdout)[0]["address"]
             fake.add_virtio_nic("0000:00:07.0", "ens7", mac=mac7)
+            mac8 = json.loads(ip("-j", "link", "show", "ens8", ns=node.name).stdout)[0]["address"]
+            fake.add_virtio_nic("0000:00:08.0", "ens8", mac=mac8)
             env = dict(
                 os.environ,
                 BENCH_PYTHONPATH=os.pathsep.join(
@@ -253,6 +270,7 @@ def outer(args: argparse.Namespace) -> None:
                 ["ip", "netns", "exec", node.name, sys.executable, __file__, "--inner"]
                 + ["-n", str(args.n), "--sysfs", str(fake.root)]
                 + ["--pod-a", pod_a.path, "--pod-b", pod_b.path, "--pod-c", pod_c.path]
+                + ["--pod-d", pod_d.path]
                 + (["--source"] if args.source else []),
                 env=env,
                 check=True,
@@ -271,6 +289,7 @@ def main() -> None:
     ap.add_argument("--pod-a", help=argparse.SUPPRESS)
     ap.add_argument("--pod-b", help=argparse.SUPPRESS)
     ap.add_argument("--pod-c", help=argparse.SUPPRESS)
+    ap.add_argument("--pod-d", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.inner:
         inner(args)

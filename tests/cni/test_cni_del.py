@@ -148,3 +148,33 @@ def test_del_still_fails_when_the_ipam_plugin_runs_and_fails(rig):
     assert rig.state("ens5") == before  # the NIC part completed all the same
     rig.cni("DEL", conf, pod=pod).ok()
     assert rig.leases() == []
+
+
+def test_del_cut_short_after_the_rename_is_finished_by_the_next_del(rig):
+    """A DEL killed (its process, or the executor) after it renamed the NIC back to its host
+    name and reset it in the pod, before the move home: the runtime's next DEL finds it by its
+    mark and finishes, in one move."""
+    rig.nic(PCI, "ens5")
+    before = rig.state("ens5")
+    pod = rig.pod()
+    conf = rig.conf("1.0.0", deviceID=PCI, mtu=1400, mac="02:00:00:00:05:09")
+    out = rig.cni("ADD", conf, pod=pod).ok()
+    # What the killed DEL had done: down, renamed, MTU and MAC reset, all in the pod.
+    ip("link", "set", "net1", "down", ns=pod.name)
+    ip("link", "set", "net1", "name", "ens5", ns=pod.name)
+    ip("link", "set", "ens5", "mtu", str(before["mtu"]), ns=pod.name)
+    ip("link", "set", "ens5", "address", before["mac"], ns=pod.name)
+    rig.cni("DEL", dict(conf, prevResult=out), pod=pod).ok()
+    assert rig.state("ens5") == before
+    assert not rig.has_link("ens5", pod)
+    assert rig.leases() == []
+
+    # A link of the host name the config does not name (another NIC's mark) is left alone.
+    out = rig.cni("ADD", conf, pod=pod).ok()
+    ip("link", "set", "net1", "down", ns=pod.name)
+    ip("link", "set", "net1", "name", "ens5", ns=pod.name)
+    other = rig.conf("1.0.0", deviceID="0000:00:06.0")
+    rig.cni("DEL", dict(other, prevResult=out), pod=pod).ok()
+    assert rig.has_link("ens5", pod)
+    rig.cni("DEL", dict(conf, prevResult=out), pod=pod).ok()
+    assert rig.state("ens5") == before

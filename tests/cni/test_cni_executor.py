@@ -433,21 +433,23 @@ def test_serve_refuses_a_directory_others_may_write(tmp_path: Path):
 
 
 def test_front_path_imports_no_plugin_machinery(erig: Rig):
-    """A call through the executor loads no pyroute2, logging, dataclasses, typing or
-    subprocess in the front: only what moving bytes needs."""
+    """A call through the executor loads no logging, dataclasses, typing or subprocess in the
+    front, nor the socket module (enum, selectors) nor __future__: only what moving bytes
+    needs."""
     rig = erig
     rig.nic(PCI, "ens5")
     pod = rig.pod()
     code = (
-        "import os, sys\n"
-        "real_exit = os._exit\n"
+        "import os, posix, sys\n"
+        "real_exit = posix._exit\n"
         "def report(status):\n"
         "    heavy = sorted(m for m in sys.modules if m.split('.')[0] in\n"
-        "        ('pyroute2', 'logging', 'dataclasses', 'typing', 'subprocess', 'asyncio',\n"
-        "         'ehost_device.plugin', 'ehost_device.conf', 'virtcore'))\n"
+        "        ('logging', 'dataclasses', 'typing', 'subprocess', 'asyncio', 'socket', 'enum',\n"
+        "         'selectors', '__future__', 'ehost_device.plugin', 'ehost_device.conf',\n"
+        "         'virtcore'))\n"
         "    sys.stderr.write('HEAVY=' + ','.join(heavy) + '\\n'); sys.stderr.flush()\n"
         "    real_exit(status)\n"
-        "os._exit = report\n"
+        "os._exit = posix._exit = report\n"
         "from ehost_device.cli import main\n"
         "main()\n"
     )

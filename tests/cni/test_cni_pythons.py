@@ -60,8 +60,9 @@ def test_sh_boot_launcher_under_bare_env():
 
 @pytest.mark.parametrize("version", ["3.9", "3.13"])
 def test_add_del_on_oldest_and_newest_python(rig, version):
-    """Not only VERSION: pyroute2 and the netns plumbing work on both ends of the range (the
-    rig's environment is a runtime's: the CNI_* variables and PATH, no HOME)."""
+    """Not only VERSION: the netlink and namespace plumbing (setns through ctypes before 3.12,
+    os.setns after) works on both ends of the range (the rig's environment is a runtime's: the
+    CNI_* variables and PATH, no HOME)."""
     argv = [_pyenv_python(version), _pex()]
     rig.nic(PCI, "ens7")
     before = rig.state("ens7")

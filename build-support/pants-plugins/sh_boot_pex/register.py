@@ -173,7 +173,7 @@ async def package_sh_boot_pex(field_set: ShBootPexFieldSet) -> BuiltPackage:
         ),
     )
     (out_pex,) = await Get(DigestContents, Digest, result.output_digest)
-    fast = _direct_entry(out_pex.content, pex_info)
+    fast = _literal_root(_direct_entry(out_pex.content, pex_info), field_set.runtime_pex_root.value)
     digest = await Get(Digest, CreateDigest([FileContent(output_path, fast, is_executable=True)]))
     return BuiltPackage(digest, (BuiltPackageArtifact(output_path),))
 
@@ -204,6 +204,17 @@ def _direct_entry(content: bytes, pex_info: dict) -> bytes:
         f'    exec "${{INSTALLED_PEX}}/bin/python" -I -S -c \'{code}\' "${{_sp}}" "$@"'
     ).encode()
     return content.replace(_WARM_EXEC, warm, 1)
+
+
+def _literal_root(content: bytes, root: str) -> bytes:
+    """`content` with its launcher's default PEX_ROOT set as a literal when it is an absolute
+    path of plain characters: Pex writes `$(echo ROOT)` for tilde expansion, a command
+    substitution that costs /bin/sh a fork (~0.2 ms of every call) to expand nothing."""
+    if not root.startswith("/") or not all(c.isalnum() or c in "/._-" for c in root):
+        return content
+    return content.replace(
+        f'DEFAULT_PEX_ROOT="$(echo {root})"'.encode(), f'DEFAULT_PEX_ROOT="{root}"'.encode(), 1
+    )
 
 
 def target_types():

@@ -1,13 +1,15 @@
 """The front: hand one CNI call to the warm executor (`serve`) and relay its answer.
 
-This is what a runtime execs, so it imports only os, sys, socket, struct and `lean_json` (the
-built-in JSON accelerator; `import json` alone costs a third of the front's run): no
-pyroute2, no logging, no dataclasses. It moves bytes and decides nothing about the call
-itself. It sends the whole environment, stdin as is, and three descriptors (SCM_RIGHTS): its
-own network namespace (the executor serves only fronts in its own namespace), the pod's
-(CNI_NETNS, opened here, so the executor never resolves that path in its own mount namespace),
-and the write end of a pipe it relays to its stderr (the executor's log lines and the IPAM
-plugin's stderr for this call).
+This is what a runtime execs, so it imports only built-in modules: `posix`, `_socket` and
+`_struct` (the C modules behind os, socket and struct: `import os` costs a sixth of the bare
+interpreter's start, `import socket` as much again as that start, with enum and selectors), and
+`lean_json` (the JSON accelerator; `import json` alone costs a third of the front's run): no
+logging, no dataclasses. It moves bytes and decides
+nothing about the call itself. It sends the whole environment, stdin as is, and three
+descriptors (SCM_RIGHTS): its own network namespace (the executor serves only fronts in its own
+namespace), the pod's (CNI_NETNS, opened here, so the executor never resolves that path in its
+own mount namespace), and the write end of a pipe it relays to its stderr (the executor's log
+lines and the IPAM plugin's stderr for this call).
 
 `call` answers None when the call should run in-process instead: executor turned off, no socket,
 a socket that is not root's and private, connection refused, another protocol version, a call
@@ -23,23 +25,23 @@ The wire (both directions): a fixed header, then the payload.
             MISMATCH: the executor speaks another version (its own in the header).
 """
 
-from __future__ import annotations
-
-import os
-import socket
-import struct
+import posix
 import sys
 
+import _socket
+import _struct
+
+from ehost_device import DEFAULT_SOCKET as DEFAULT_SOCKET
 from ehost_device import lean_json
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # typing costs ~7 ms to import; the front's annotations need it for mypy only
+if TYPE_CHECKING:  # typing costs ~7 ms to import; the annotations (quoted) need it for mypy only
     from typing import Dict, List, Mapping, Optional, Tuple
 
 MAGIC = b"EHDX"
 VERSION = 1
-REQUEST = struct.Struct("!4sHHHII")  # magic, version, flags, netns errno, env len, stdin len
-RESPONSE = struct.Struct("!4sHHiI")  # magic, version, kind, status, payload len
+REQUEST = _struct.Struct("!4sHHHII")  # magic, version, flags, netns errno, env len, stdin len
+RESPONSE = _struct.Struct("!4sHHiI")  # magic, version, kind, status, payload len
 F_POD_NETNS = 0x1  # a pod netns descriptor follows the front's own netns descriptor
 F_STDERR = 0x2  # the write end of the front's stderr relay comes last
 KNOWN_FLAGS = F_POD_NETNS | F_STDERR
@@ -49,11 +51,10 @@ MAX_STDIN = 8 << 20  # bytes of network configuration
 MAX_OUT = 8 << 20  # bytes of result
 MAX_FDS = 3
 
-DEFAULT_SOCKET = "/run/virtdp/ehost-device.sock"
 DEFAULT_BUDGET = 120.0  # seconds an executor may take to answer one call
 
 
-def executor_socket(environ: Mapping[str, str]) -> Optional[str]:
+def executor_socket(environ: "Mapping[str, str]") -> "Optional[str]":
     """Where the executor listens, or None: run in-process. Node-side settings only, never the
     network config (tenants write that, and the front hands the socket a netns descriptor).
 
@@ -74,7 +75,7 @@ def executor_socket(environ: Mapping[str, str]) -> Optional[str]:
     return path
 
 
-def _policy_socket(environ: Mapping[str, str]) -> Optional[str]:
+def _policy_socket(environ: "Mapping[str, str]") -> "Optional[str]":
     """The node policy's executorSocket ("" = off), or None when the policy does not set it.
     An unusable policy also means in-process ("" ): that path reports the policy's error."""
     where = environ.get("EHOST_DEVICE_POLICY", "/etc/virtdp/ehost-device.yaml")
@@ -93,7 +94,7 @@ def _policy_socket(environ: Mapping[str, str]) -> Optional[str]:
         return ""
 
 
-def budget(environ: Mapping[str, str]) -> float:
+def budget(environ: "Mapping[str, str]") -> float:
     """Seconds to wait for the executor's answer (EHOST_DEVICE_TIMEOUT, default 120)."""
     try:
         value = float(environ.get("EHOST_DEVICE_TIMEOUT", "") or DEFAULT_BUDGET)
@@ -110,12 +111,12 @@ def _warn(msg: str) -> None:
         pass
 
 
-def trusted(path: str) -> Optional[str]:
+def trusted(path: str) -> "Optional[str]":
     """Why the socket at `path` must not be used (None: use it). Root's, private, in a
     directory only root can write: anyone else could stand in for the executor and be handed
     the pod's namespace."""
     try:
-        st = os.lstat(path)
+        st = posix.lstat(path)
     except FileNotFoundError:
         return ""  # no executor: not worth a warning
     except OSError as e:
@@ -126,9 +127,9 @@ def trusted(path: str) -> Optional[str]:
         return (
             f"{path} is owned by uid {st.st_uid} with mode {st.st_mode & 0o777:o} (want root, 0600)"
         )
-    parent = os.path.dirname(path) or "/"
+    parent = path.rpartition("/")[0] or "/"
     try:
-        pst = os.stat(parent)
+        pst = posix.stat(parent)
     except OSError as e:
         return f"cannot stat {parent}: {e.strerror}"
     if pst.st_uid != 0 or pst.st_mode & 0o022:
@@ -154,7 +155,7 @@ def cni_error(data: bytes, code: int, msg: str, details: str) -> bytes:
     return (lean_json.dumps(err) + "\n").encode()
 
 
-def _open_netns(path: str) -> Tuple[int, int]:
+def _open_netns(path: str) -> "Tuple[int, int]":
     """(descriptor, 0) or (-1, errno): the executor reports a failure as in-process mode
     would have, from the errno."""
     if not path:
@@ -162,15 +163,18 @@ def _open_netns(path: str) -> Tuple[int, int]:
     try:
         # O_NONBLOCK: a FIFO named as CNI_NETNS must not hang the call; it is refused later
         # as not a namespace.
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY), 0
+        return (
+            posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NONBLOCK | posix.O_NOCTTY),
+            0,
+        )
     except OSError as e:
         return -1, e.errno or 0
 
 
-def _relay(sock: socket.socket, relay_r: int, timeout: float) -> Tuple[int, int, bytes]:
+def _relay(sock: _socket.socket, relay_r: int, timeout: float) -> "Tuple[int, int, bytes]":
     """(kind, status, payload) of the executor's answer, relaying the call's stderr meanwhile.
     Raises TimeoutError past `timeout`, EOFError on a cut or malformed answer."""
-    import select  # already loaded by socket (selectors)
+    import select  # built in (no file to load)
 
     deadline = _now() + timeout
     buf = b""
@@ -188,9 +192,9 @@ def _relay(sock: socket.socket, relay_r: int, timeout: float) -> Tuple[int, int,
             raise TimeoutError
         for fd, _ in poller.poll(left * 1000):
             if fd == relay_r:
-                chunk = os.read(relay_r, 65536)
+                chunk = posix.read(relay_r, 65536)
                 if chunk:
-                    _write_all(2, chunk)
+                    write_all(2, chunk)
                 else:
                     poller.unregister(relay_r)
                     relay_r = -2  # EOF: the executor is done writing
@@ -213,10 +217,10 @@ def _relay(sock: socket.socket, relay_r: int, timeout: float) -> Tuple[int, int,
     while relay_r >= 0 and _now() < deadline:
         if not poller.poll(min(1.0, deadline - _now()) * 1000):
             break
-        chunk = os.read(relay_r, 65536)
+        chunk = posix.read(relay_r, 65536)
         if not chunk:
             break
-        _write_all(2, chunk)
+        write_all(2, chunk)
     assert head is not None
     return head[2], head[3], buf[RESPONSE.size : need]
 
@@ -227,18 +231,18 @@ def _now() -> float:
     return time.monotonic()
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     try:
         while view:
-            view = view[os.write(fd, view) :]
+            view = view[posix.write(fd, view) :]
     except OSError:
         pass
 
 
 def call(
-    path: str, environ: Mapping[str, str], data: bytes, *, timeout: float = DEFAULT_BUDGET
-) -> Optional[Tuple[int, bytes]]:
+    path: str, environ: "Mapping[str, str]", data: bytes, *, timeout: float = DEFAULT_BUDGET
+) -> "Optional[Tuple[int, bytes]]":
     """(exit status, stdout bytes) from the executor, or None: run in-process."""
     why = trusted(path)
     if why is not None:
@@ -250,7 +254,7 @@ def call(
     if len(env_b) > MAX_ENV or len(data) > MAX_STDIN:
         return None
     try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     except OSError:
         return None
     fds: List[int] = []
@@ -260,7 +264,7 @@ def call(
         except OSError as e:  # gone, refused, not permitted: the executor is not there for us
             _warn(f"executor at {path} unavailable ({e.strerror}); running in-process")
             return None
-        fds.append(os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+        fds.append(posix.open("/proc/self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC))
         flags = 0
         pod_fd, pod_errno = _open_netns(environ.get("CNI_NETNS", ""))
         if pod_fd >= 0:
@@ -271,8 +275,8 @@ def call(
         # outlived our patience would otherwise hold open (and the runtime wait for its EOF).
         relay_r = -1
         try:
-            os.fstat(2)
-            relay_r, relay_w = os.pipe2(os.O_CLOEXEC)
+            posix.fstat(2)
+            relay_r, relay_w = posix.pipe2(posix.O_CLOEXEC)
             fds.append(relay_w)
             flags |= F_STDERR
         except OSError:
@@ -281,10 +285,11 @@ def call(
         sock.settimeout(timeout)
         try:
             sock.sendmsg(
-                [head], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+                [head],
+                [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _struct.pack(f"{len(fds)}i", *fds))],
             )
             for fd in fds:  # the executor has its copies
-                os.close(fd)
+                posix.close(fd)
             fds = []
             sock.sendall(env_b + data)
             send_error = None
@@ -308,7 +313,7 @@ def call(
                     )
                 ),
             )
-        except (EOFError, OSError, struct.error) as e:
+        except (EOFError, OSError) as e:
             return 1, cni_error(
                 data,
                 11,
@@ -323,7 +328,7 @@ def call(
             )
         finally:
             if relay_r >= 0:
-                os.close(relay_r)
+                posix.close(relay_r)
         kind, status, payload = reply
         if send_error is not None and kind == RESULT:  # cannot be: it had no whole request
             return 1, cni_error(data, 11, *not_taken)
@@ -338,5 +343,5 @@ def call(
         return status, payload
     finally:
         for fd in fds:
-            os.close(fd)
+            posix.close(fd)
         sock.close()

@@ -68,8 +68,8 @@ _PIPE_SAFE = 65536
 class Call:
     """One run of an IPAM plugin, started at once; `result()` waits for its answer.
 
-    Started early, the plugin (a separate process) works while this one carries on (imports
-    pyroute2, moves the NIC). A config too big to hand over at once makes the call start in
+    Started early, the plugin (a separate process) works while this one carries on (gives the
+    NIC back). A config too big to hand over at once makes the call start in
     `result()` instead: a half-written stdin must not be inherited by our forked helpers.
     """
 

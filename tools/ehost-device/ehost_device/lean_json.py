@@ -8,8 +8,8 @@ well-formed document is parsed by the accelerator alone; anything else goes to `
 itself, which raises the error it always raises.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here, nor in `cli` and `front`: the __future__ module
+# is one more file to load on the front's path. Annotations naming typing's types are quoted.
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms to import
     from typing import Any
@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover (not CPython)
     _json = None  # type: ignore[assignment]
 
 
-def dumps(obj: Any) -> str:
+def dumps(obj: "Any") -> str:
     """json.dumps(obj) for dicts with string keys, lists, tuples, str, int, bool and None."""
     if _json is None:  # pragma: no cover
         import json
@@ -31,7 +31,7 @@ def dumps(obj: Any) -> str:
     return "".join(parts)
 
 
-def _encode(obj: Any, out: list) -> None:
+def _encode(obj: "Any", out: list) -> None:
     if isinstance(obj, str):
         out.append(_json.encode_basestring_ascii(obj))
     elif obj is None:
@@ -82,7 +82,7 @@ class _Context:
 _WS = " \t\n\r"
 
 
-def loads(text: str) -> Any:
+def loads(text: str) -> "Any":
     """json.loads(text); ValueError when it is not one JSON document."""
     if _json is None:  # pragma: no cover
         import json

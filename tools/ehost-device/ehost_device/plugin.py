@@ -253,9 +253,11 @@ def _plumb(
     )
 
     caller.checkpoint("the NIC moved")
+    # The mark first: should this process (or the executor) die right after the next step, the
+    # NIC is down, and only the mark tells a DEL that it was up.
+    netns.set_alias(host, nic, encoded, undo=undo)
     if nic.up:  # links are renamed, and MACs changed, while down
         netns.set_up(host, nic, False, undo=undo)
-    netns.set_alias(host, nic, encoded, undo=undo)
     # Moved and renamed in one request, so the rename happens as the NIC arrives in the pod:
     # no udev or NetworkManager on the host races it, and the host name cannot clash with a
     # pod link of the same name. One move, not two through a namespace of our own: a move
@@ -449,13 +451,14 @@ def _del_nic(env: Env, c: Conf) -> List[CniError]:
 def _in_pod(
     hold: contextlib.ExitStack, env: Env, c: Conf
 ) -> Optional[Tuple[Any, str, netns.Link, alias.Mark]]:
-    """The marked NIC at CNI_IFNAME in CNI_NETNS, its lock held; None if there is none."""
+    """The marked NIC at CNI_IFNAME in CNI_NETNS (or renamed back by a DEL cut short), its lock
+    held; None if there is none."""
     try:
         pod = hold.enter_context(netns.open_ns(env.netns))
     except netns.NamespaceNotFound:
         log.info("DEL %s: %s is gone; looking on the host", env.container_id, env.netns)
         return None
-    link = netns.link_by_name(pod, env.ifname)
+    link = netns.link_by_name(pod, env.ifname) or _renamed_in_pod(env, c, pod)
     mark = alias.decode(link.alias) if link else None
     if link is None:
         return None
@@ -479,12 +482,32 @@ def _in_pod(
     with contextlib.ExitStack() as lock:
         lock.enter_context(locks.device_lock(c.sysfs_root, mark.pci_address, c.lock_timeout))
         # Looked up again under the lock: a DEL of the same attachment may have just finished.
-        link = netns.link_by_name(pod, env.ifname)
+        link = netns.link_by_name(pod, link.name)
         if link is None or alias.decode(link.alias) != mark:
             log.info("DEL %s: %s left %s meanwhile", env.container_id, env.ifname, env.netns)
             return None
         hold.enter_context(lock.pop_all())
     return (pod, env.netns, link, mark)
+
+
+def _renamed_in_pod(env: Env, c: Conf, pod: Any) -> Optional[netns.Link]:
+    """The NIC a DEL that was cut short (its process or the executor killed) left in the pod:
+    renamed back to its host name, maybe reset, not moved home yet. Only when the config names
+    the NIC, so that the mark says it is this attachment's."""
+    if not (c.pci_address or c.device or c.hwaddr):
+        return None
+    for link in netns.links(pod):
+        mark = alias.decode(link.alias)
+        if mark is not None and link.name == mark.host_ifname and _matches(c, mark, link):
+            log.info(
+                "DEL %s: %s is in %s as %s (a DEL cut short); giving it back",
+                env.container_id,
+                mark.pci_address,
+                env.netns,
+                link.name,
+            )
+            return link
+    return None
 
 
 def _give_back(
@@ -500,14 +523,15 @@ def _give_back(
 
     The host must see the NIC arrive as it was, never under the pod's name (udev and
     NetworkManager act on arrivals and renames). So it is renamed and reset before it moves:
-    in the pod itself, one move, when the pod has no link of the host name; else (the NIC is
-    on the host already, back from a namespace that died, or the pod has a link of that name)
-    in a temporary namespace of its own, two moves.
+    in the pod itself, one move, when the pod has no other link of the host name; else (the
+    NIC is on the host already, back from a namespace that died, or the pod has a link of that
+    name) in a temporary namespace of its own, two moves.
     """
     with contextlib.ExitStack() as undo:
         if link.up:
             netns.set_up(src, link, False, undo=undo)
-        if src_path != HOST_NS and netns.link_by_name(src, mark.host_ifname) is None:
+        named = netns.link_by_name(src, mark.host_ifname)
+        if src_path != HOST_NS and (named is None or named.index == link.index):
             work, work_path, moved = src, src_path, link
         else:
             work_path = hold.enter_context(netns.temporary_namespace())
@@ -525,9 +549,10 @@ def _give_back(
                 f"the host already has a link named {mark.host_ifname}; the NIC stays put",
             )
         moved = netns.move(work, moved, host, HOST_NS, work_path, undo=undo)
-        netns.set_alias(host, moved, None, undo=undo)
         if not mark.was_down:
             netns.set_up(host, moved, True, undo=undo)
+        # The mark last: a DEL cut short before this still finds the NIC by it.
+        netns.set_alias(host, moved, None, undo=undo)
         undo.pop_all()
 
 
@@ -730,8 +755,6 @@ def _setup_logging(c: Conf) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(c.log_level.upper())
-    for noisy in ("pyroute2", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     if fallback:
         log.warning("%s", fallback)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple
 
-from ehost_device.front import DEFAULT_SOCKET as DEFAULT_SOCKET
+from ehost_device import DEFAULT_SOCKET as DEFAULT_SOCKET
 from virtcore import pools
 from virtcore.schema import ConfigError, Invalid, Key, Walker
 

@@ -1,5 +1,5 @@
 """The warm executor: `ehost-device serve` answers CNI calls over a unix socket with the plugin
-code and pyroute2 already loaded; `ehost-device probe` asks it whether it answers.
+code already loaded; `ehost-device probe` asks it whether it answers.
 
 It runs each call through the very same `plugin.run` as in-process mode, in a thread of its own.
 What makes a thread's call look like a process of its own:
@@ -12,8 +12,9 @@ Each call is owned to its end: calls of one attachment (CNI_CONTAINERID + CNI_IF
 a time in arrival order (`Turns`), and an ADD whose front hangs up before its answer (killed, or
 the runtime's budget ran out) does not count: it stops at its next step (`caller.checkpoint`)
 and rolls back, or is undone with a DEL once done, before the attachment's next call runs.
-No thread ever switches its network namespace; pyroute2 opens namespace sockets in a forked
-helper (see virtcore.netns).
+No thread that serves a call ever switches its network namespace, and nothing but the IPAM
+plugin is forked: a pod namespace's netlink socket is made by a short-lived thread of its own
+(virtcore.netlink.socket_in).
 
 Trust: the socket is root's, mode 0600, in a directory only root can write; a peer that is not
 uid 0 (SO_PEERCRED) is refused, as is a front in another network namespace (the host namespace
@@ -372,12 +373,12 @@ class Executor:
         gone: Optional[Callable[[], bool]] = None,
         what: str = "",
     ) -> Tuple[int, bytes]:
-        from ehost_device import caller, cli, ipam, plugin
+        from ehost_device import caller, ipam, plugin, version_answer
         from virtcore import netns
 
         command = env.get("CNI_COMMAND", "")
         if command == "VERSION":  # `probe`; fronts answer VERSION themselves
-            return 0, cli.version_answer(data).encode()
+            return 0, version_answer(data).encode()
         stream = (
             open(err_fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
             if err_fd is not None
@@ -456,9 +457,6 @@ class _Stop(Exception):
     pass
 
 
-_PID = 0  # the executor's own pid, once serving
-
-
 class _StopState:
     requested = ""  # the signal's name once one came
     interruptible = False  # the main thread is waiting for a call
@@ -468,24 +466,23 @@ _STOP = _StopState()
 
 
 def _stop(signum: int, frame: Any) -> None:
-    if os.getpid() != _PID:
-        # A forked helper (pyroute2's namespace socket opener, a temporary namespace holder)
-        # inherits this handler; pyroute2 ends its helper with SIGTERM. Raising here would
-        # unwind the helper through a copy of the call (and its sockets): die as SIG_DFL would.
-        os._exit(128 + signum)
+    # Only this process runs it: the executor forks nothing but IPAM plugins, which exec at
+    # once (subprocess forks and execs in C, where no Python handler runs).
     _STOP.requested = signal.Signals(signum).name
     if _STOP.interruptible:
         raise _Stop(_STOP.requested)
 
 
 def _warm_up() -> None:
-    """Import what every call needs now, before any thread runs: pyroute2's lean import swaps
-    a module in sys.modules for a moment, which only one thread at a time may do."""
+    """Import what every call needs, and read the links once, before the first call: the first
+    call then costs what every other does."""
     from ehost_device import plugin  # noqa: F401
-    from virtcore import netns
+    from virtcore import netlink, netns
 
-    with netns.open_ns(None) as ipr:
-        netns.links(ipr)
+    with netns.open_ns(None) as sock:
+        netns.links(sock)
+    if not hasattr(os, "setns"):
+        netlink.libc()  # ctypes, for setns before Python 3.12
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -507,8 +504,6 @@ def serve(args: argparse.Namespace) -> int:
     ino = os.stat(args.socket).st_ino
     sys.stderr = _RoutedStderr(sys.stderr)
     executor = Executor(args.socket)
-    global _PID
-    _PID = os.getpid()
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     log.warning("serving CNI calls on %s", args.socket)
