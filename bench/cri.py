@@ -32,6 +32,25 @@ for root in ("tests/runtime", "tests", "libs/virtcore", "tools/ehost-device"):
 PLUGINS = ("ehost-device", "host-device")
 
 
+def prepare(source: bool) -> str:
+    """Ready the containerd suite's lab for a benchmark: why it cannot run ("" when it can).
+    `source`: ehost-device from source, not a PEX."""
+    if os.geteuid() != 0:
+        return "needs root"
+    if source:
+        os.environ.pop("VIRTDP_PEX_DIR", None)
+    # From source, containerd runs `python -m ehost_device` with this PYTHONPATH (crilab).
+    os.environ.setdefault(
+        "PYTHONPATH",
+        os.pathsep.join(str(ROOT / r) for r in ("libs/virtcore", "tools/ehost-device")),
+    )
+    if not (ROOT / "tests/runtime/cri_api_pb2.py").exists():
+        subprocess.run([str(ROOT / "build-support/devgen")], check=True)
+    import containerd
+
+    return containerd.missing() or ""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=15, help="timed runs per plugin (default 15)")
@@ -43,26 +62,12 @@ def main() -> int:
         help="ehost-device does the work itself, or through a warm executor (default in-process)",
     )
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench/cri.py: needs root", file=sys.stderr)
-        return 2
-    if args.source:
-        os.environ.pop("VIRTDP_PEX_DIR", None)
-    # From source, containerd runs `python -m ehost_device` with this PYTHONPATH (crilab).
-    os.environ.setdefault(
-        "PYTHONPATH",
-        os.pathsep.join(str(ROOT / r) for r in ("libs/virtcore", "tools/ehost-device")),
-    )
-    if not (ROOT / "tests/runtime/cri_api_pb2.py").exists():
-        subprocess.run([str(ROOT / "build-support/devgen")], check=True)
-
-    import containerd
-    import crilab
-
-    why = containerd.missing()
+    why = prepare(args.source)
     if why:
         print(f"bench/cri.py: {why}", file=sys.stderr)
         return 2
+    import crilab
+
     times: Dict[str, Dict[str, List[float]]] = {p: {"run": [], "stop+remove": []} for p in PLUGINS}
     with tempfile.TemporaryDirectory(prefix="bench-cri-") as tmp:
         lab = crilab.CriLab(Path(tmp), mode=args.mode)

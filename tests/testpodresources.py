@@ -11,6 +11,12 @@ It serves `v1.PodResourcesLister` on a unix socket the way the kubelet's
   unknown pod ("pod <name> in namespace <ns> not found") and when the feature gate is off
   ("PodResources API Get method disabled").
 - `GetAllocatableResources`: the registered devices, one group per device.
+- DRA (`dynamic_resources`, KubeletPodResourcesDynamicResources, GA in 1.36): per container,
+  one `DynamicResource` per claim the container uses (its `resources.claims`), in the pod's
+  claim order, with one `ClaimResource` per prepared device, drivers in turn (the kubelet walks
+  a Go map: any order; here sorted). As the kubelet's `GetDynamicResources` does, the CDI list
+  is built per driver and each device's resource gets the list so far (a device's entry also
+  carries the CDI IDs of the same driver's devices before it).
 
 The model (`Pod`, `Container`) is what the kubelet's device manager holds: per container, per
 resource, device IDs keyed by NUMA node. `checkpoint_json` writes the same model in the
@@ -39,10 +45,30 @@ Devices = Dict[str, Dict[int, List[str]]]
 
 
 @dataclass
+class DraDevice:
+    """One device the kubelet's DRA manager holds for a prepared claim (from NodePrepare)."""
+
+    driver: str
+    pool: str
+    device: str
+    cdi_device_ids: List[str] = field(default_factory=list)
+    share_id: Optional[str] = None
+
+
+@dataclass
+class Claim:
+    """A prepared ResourceClaim a container uses (in the pod's namespace)."""
+
+    name: str
+    devices: List[DraDevice] = field(default_factory=list)
+
+
+@dataclass
 class Container:
     name: str
     devices: Devices = field(default_factory=dict)
     cpu_ids: List[int] = field(default_factory=list)
+    claims: List[Claim] = field(default_factory=list)
 
 
 @dataclass
@@ -85,6 +111,31 @@ def _groups(devices: Devices, grouping: str) -> List[podresources_pb2.ContainerD
     return out
 
 
+def _dynamic(claims: List[Claim], namespace: str) -> List[podresources_pb2.DynamicResource]:
+    out = []
+    for claim in claims:
+        resources = []
+        for driver in sorted({d.driver for d in claim.devices}):
+            cdi: List[str] = []  # per driver, growing: the kubelet's own loop
+            for d in (d for d in claim.devices if d.driver == driver):
+                cdi.extend(d.cdi_device_ids)
+                r = podresources_pb2.ClaimResource(
+                    cdi_devices=[podresources_pb2.CDIDevice(name=n) for n in cdi],
+                    driver_name=driver,
+                    pool_name=d.pool,
+                    device_name=d.device,
+                )
+                if d.share_id is not None:
+                    r.share_id = d.share_id
+                resources.append(r)
+        out.append(
+            podresources_pb2.DynamicResource(
+                claim_name=claim.name, claim_namespace=namespace, claim_resources=resources
+            )
+        )
+    return out
+
+
 class _Servicer(podresources_pb2_grpc.PodResourcesListerServicer):
     def __init__(self, server: PodResourcesServer) -> None:
         self.server = server
@@ -98,6 +149,7 @@ class _Servicer(podresources_pb2_grpc.PodResourcesListerServicer):
                     name=c.name,
                     devices=_groups(c.devices, self.server.grouping),
                     cpu_ids=c.cpu_ids,
+                    dynamic_resources=_dynamic(c.claims, pod.namespace),
                 )
                 for c in pod.containers
             ],

@@ -261,3 +261,26 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path, fake_sysfs: FakeSysfs) -
         yield r
     finally:
         r.close()
+
+
+# -- the DRA claim tests (test_cni_claims*.py, helpers in claimrig.py) ---------------------------
+
+
+@pytest.fixture
+def dra(rig: Rig) -> Path:
+    """The node's DRA state directory, named by the node policy."""
+    d = rig.tmp / "dra"
+    d.mkdir()
+    rig.write_policy(draStateDir=str(d))
+    return d
+
+
+@pytest.fixture
+def nics(rig: Rig) -> Dict[str, Any]:
+    """Three virtio NICs on the node, and how each looked before any pod."""
+    from claimrig import A, B, C
+
+    names = {A: "ens5", B: "ens6", C: "ens7"}
+    for pci, name in names.items():
+        rig.nic(pci, name)
+    return {pci: (name, rig.state(name)) for pci, name in names.items()}

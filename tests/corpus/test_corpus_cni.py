@@ -19,6 +19,14 @@ namespace's IPv4 default route), @UPLINK6@ (ens8, an IPv6 default route in routi
 @ADDRNIC@ (ens9, an address the node routes with). @OTHER@ (ens10) is an eligible NIC outside
 the pool that the policy file @POLICY_POOLS@ allows; @POLICY_BAD@ is a malformed policy file.
 
+DRA claims (the config names no device; the pod, K8S_POD_UID in CNI_ARGS, holds NICs by claim):
+the node policy's draStateDir is @DRA@, whose claims.json reserves for pod
+c0ffee00-0000-4000-8000-00000000000a @ABSENT@, for ...0b @UPLINK@, for ...0c @E1000@, for ...0d
+@OTHER@, and for ...0e both @PCI@ and @OTHER@, each named data0 by its claim. @POLICY_DRA_POOLS@
+is @POLICY_POOLS@ with the same draStateDir; @POLICY_CLAIMS_BAD@ names a directory whose
+claims.json is not JSON, @POLICY_CLAIMS_DIR@ one whose claims.json is a directory,
+@POLICY_DRA_RELATIVE@ gives a relative draStateDir.
+
 Every case runs in both modes (tests/executor.py): in-process, and through a warm executor
 serving the corpus node; the answer must be the same.
 """
@@ -104,8 +112,49 @@ class CorpusNode:
         )
         self.places["@POLICY_BAD@"] = str(tmp / "policy-bad.yaml")
         (tmp / "policy-bad.yaml").write_text("sysfsRoot: sys\n")
+        self._claims(tmp, pools)
         self.places["@TMP@"] = str(tmp / "scratch")
         (tmp / "scratch").mkdir()
+
+    def _claims(self, tmp: Path, pools: Path) -> None:
+        """The DRA claim record and the policies that name it (see the module docstring)."""
+        from claimlab import claim, device, write
+
+        dra = tmp / "dra"
+        pod = "c0ffee00-0000-4000-8000-0000000000"
+        p = self.places
+        write(
+            dra,
+            claim("absent", pod + "0a", device(p["@ABSENT@"])),
+            claim("uplink", pod + "0b", device(p["@UPLINK@"])),
+            claim("e1000", pod + "0c", device(p["@E1000@"])),
+            claim("other", pod + "0d", device(p["@OTHER@"])),
+            claim("twin-a", pod + "0e", device(p["@PCI@"], interface_name="data0")),
+            claim("twin-b", pod + "0e", device(p["@OTHER@"], interface_name="data0")),
+        )
+        p["@DRA@"] = str(dra)
+        self.policy_env = node_policy(
+            tmp / "ehost-device.yaml", str(self.sysfs.root), draStateDir=str(dra)
+        )
+        p["@POLICY_DRA_POOLS@"] = str(tmp / "policy-dra-pools.yaml")
+        node_policy(
+            tmp / "policy-dra-pools.yaml",
+            str(self.sysfs.root),
+            allowedPools=["kernel.org/virt"],
+            poolConfig=str(pools),
+            draStateDir=str(dra),
+        )
+        bad, as_dir = tmp / "dra-bad", tmp / "dra-dir"
+        bad.mkdir()
+        (bad / "claims.json").write_text('{"version": 1, "claims": [')
+        (as_dir / "claims.json").mkdir(parents=True)
+        for place, name, directory in (
+            ("@POLICY_CLAIMS_BAD@", "policy-claims-bad.yaml", str(bad)),
+            ("@POLICY_CLAIMS_DIR@", "policy-claims-dir.yaml", str(as_dir)),
+            ("@POLICY_DRA_RELATIVE@", "policy-dra-relative.yaml", "var/lib/virtdp/dra"),
+        ):
+            p[place] = str(tmp / name)
+            node_policy(tmp / name, str(self.sysfs.root), draStateDir=directory)
 
     def state(self, name: str = "ens5") -> Dict[str, Any]:
         link = json.loads(ip("-j", "link", "show", "dev", name, ns=self.node.name).stdout)[0]

@@ -23,6 +23,7 @@ TOOLS = {
 }
 PAGES = (
     "operator-guide.md",
+    "dra-operator.md",
     "architecture.md",
     "config-reference.md",
     "metrics.md",
@@ -33,6 +34,7 @@ PAGES = (
     "virtdp-serve.md",
     "virtdp-inspect.md",
     "ehost-device.md",
+    "dra-cni.md",
 )
 
 

@@ -13,12 +13,23 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 import yaml
+from kustomize import patch_files
 
 from virtcore import pools
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-NAMESPACED = {"DaemonSet", "ConfigMap", "Pod", "NetworkAttachmentDefinition", "PodMonitor"}
+NAMESPACED = {
+    "DaemonSet",
+    "ConfigMap",
+    "Pod",
+    "NetworkAttachmentDefinition",
+    "PodMonitor",
+    "ServiceAccount",
+    "ResourceClaimTemplate",
+}
+# Read by kustomize, never objects of their own (deployments/dra/ is a component with a patch).
+CLIENT_SIDE = {"Kustomization", "Component"}
 TOOLS = ("virtdp-serve", "virtdp-inspect", "virtdp-discover", "ehost-device")
 RESOURCE_ANNOTATION = "k8s.v1.cni.cncf.io/resourceName"
 NETWORKS_ANNOTATION = "k8s.v1.cni.cncf.io/networks"
@@ -27,7 +38,12 @@ Doc = Dict[str, Any]
 
 
 def manifests(deployments: Path) -> Iterator[Tuple[Path, Doc]]:
+    """Every document of deployments/ except the patches kustomizations apply (partial objects:
+    test_deploy_dra.py checks what they make)."""
+    patches = set(patch_files(deployments))
     for path in sorted(deployments.rglob("*.yaml")):
+        if path.resolve() in patches:
+            continue
         for doc in yaml.safe_load_all(path.read_text()):
             if doc is not None:
                 yield path, doc
@@ -89,7 +105,7 @@ def test_every_manifest_keeps_the_api_servers_name_and_reference_rules(deploymen
         where = f"{path.relative_to(deployments)} ({doc.get('kind')})"
         kind = doc.get("kind")
         kinds.append(kind)
-        if kind == "Kustomization":
+        if kind in CLIENT_SIDE:
             continue
         meta = doc["metadata"]
         assert DNS_SUBDOMAIN.match(meta["name"]) and len(meta["name"]) <= 253, where
@@ -111,7 +127,7 @@ def test_every_manifest_keeps_the_api_servers_name_and_reference_rules(deploymen
             assert doc["spec"]["selector"]["matchLabels"], where
             assert doc["spec"]["podMetricsEndpoints"], where
     assert {"DaemonSet", "ConfigMap", "NetworkAttachmentDefinition", "Pod"} <= set(kinds)
-    assert kinds.count("Pod") == 3, "the two test pods and the debug pod"
+    assert kinds.count("Pod") == 4, "the two test pods, the debug pod and the DRA example"
 
 
 def test_kustomization_lists_existing_files_and_the_image(deployments: Path) -> None:
@@ -132,7 +148,14 @@ def test_pool_config_validates_and_names_the_nads_resource(deployments: Path) ->
     cm = one(deployments, "ConfigMap", "virtdp-config")
     config = pools.parse_config(cm["data"]["config.yaml"], "virtdp-config/config.yaml")
     resources = {p.resource_name for p in config.pools}
-    nads = by_kind(deployments, "NetworkAttachmentDefinition")
+    # The device plugin's networks (deployments/dra/ has one that names no resource: the
+    # claim names the NIC; test_deploy_dra.py checks it).
+    nads = [
+        d
+        for path, d in manifests(deployments)
+        if d["kind"] == "NetworkAttachmentDefinition"
+        and "dra" not in path.relative_to(deployments).parts
+    ]
     assert nads
     for nad in nads:
         resource = nad["metadata"]["annotations"][RESOURCE_ANNOTATION]

@@ -127,6 +127,47 @@ def test_resource_filter_and_table(node):
     assert "missing" in [x for x in lines if c in x][0]
 
 
+def test_dra_devices_from_the_pod_resources_api_are_placed_like_nics(node):
+    """A container's DRA claims: one row per device, resource = the driver, the claim named;
+    virtdp's device names (pci-...) are placed like NICs, another driver's are not NICs."""
+    from testpodresources import Claim, DraDevice
+
+    from virtcore import claims
+
+    a, b, c, d = node["pci"]
+    nic = DraDevice("virt.kernel.org", "node-a", claims.device_name(b), ["virt.kernel.org/n=b"])
+    gpu = DraDevice("gpu.example.com", "node-a", "gpu-0")
+    pods = [
+        Pod(
+            "dra",
+            "team",
+            "uid-dra",
+            [Container("app", {RES: {0: [a]}}, claims=[Claim("nic", [nic]), Claim("gpu", [gpu])])],
+        )
+    ]
+    with PodResourcesServer(node["sock"], pods):
+        doc, proc = _run(node)
+        table = inspect("allocations", "--pod-resources-socket", node["sock"], *node["args"])
+    assert proc.returncode == 0, proc.stderr
+    rows = _by_device(doc)
+    assert set(rows) == {a, claims.device_name(b), "gpu-0"}
+    assert rows[a]["claim"] is None and rows[a]["resource"] == RES
+    dra = rows[claims.device_name(b)]
+    assert (dra["resource"], dra["claim"], dra["pool"], dra["container"]) == (
+        "virt.kernel.org",
+        "team/nic",
+        "node-a",
+        "app",
+    )
+    assert (dra["pci_address"], dra["location"], dra["ifname"]) == (b, "pod", "net1")
+    other = rows["gpu-0"]
+    assert (other["claim"], other["location"], other["pci_address"]) == ("team/gpu", "absent", None)
+    assert "not named from a PCI address" in other["note"]
+    assert table.returncode == 0, table.stderr
+    [line] = [x for x in table.stdout.splitlines() if claims.device_name(b) in x]
+    assert "team/nic" in line and f"{node['pod'].name}: net1" in line
+
+
 @pytest.mark.parametrize("flat", [False, True])
 def test_falls_back_to_the_checkpoint_when_the_socket_refuses(node, flat):
     a, b, c, d = node["pci"]

@@ -146,3 +146,73 @@ def test_probe_accepts_a_real_grpc_server(tmp_path):
     sock = str(tmp_path / "pr.sock")
     with PodResourcesServer(sock, []):
         channel.probe(sock, 2)  # no exception
+
+
+def test_list_carries_the_dra_devices_each_container_uses(tmp_path):
+    """KubeletPodResourcesDynamicResources (GA in 1.36): per container, its claims and, per
+    claim, one ClaimResource per device, with the kubelet's per-driver CDI list."""
+    from testpodresources import Claim, DraDevice
+
+    nic = DraDevice("virt.kernel.org", "node-a", "pci-0000-00-0a-0", ["virt.kernel.org/net=a"])
+    nic2 = DraDevice("virt.kernel.org", "node-a", "pci-0000-00-0b-0", ["virt.kernel.org/net=b"])
+    gpu = DraDevice("gpu.example.com", "node-a", "gpu-0", [], share_id="7c2f")
+    pods = [
+        Pod(
+            "web",
+            "default",
+            "uid-web",
+            [
+                Container("app", claims=[Claim("nics", [nic, nic2]), Claim("gpu", [gpu])]),
+                Container("sidecar"),
+            ],
+        )
+    ]
+    sock = str(tmp_path / "pr.sock")
+    with PodResourcesServer(sock, pods):
+        with podresources.Client(sock, timeout=2) as client:
+            app, sidecar = client.list()[0].containers
+            got = client.get("web", "default").containers[0]
+    assert sidecar.dynamic_resources == ()
+    assert got == app
+    nics, gpus = app.dynamic_resources
+    assert (nics.claim_namespace, nics.claim_name) == ("default", "nics")
+    assert nics.claim_resources == (
+        podresources.ClaimResource(
+            "virt.kernel.org", "node-a", "pci-0000-00-0a-0", ("virt.kernel.org/net=a",)
+        ),
+        # The kubelet hands each device of a driver the CDI list built so far.
+        podresources.ClaimResource(
+            "virt.kernel.org",
+            "node-a",
+            "pci-0000-00-0b-0",
+            ("virt.kernel.org/net=a", "virt.kernel.org/net=b"),
+        ),
+    )
+    assert gpus.claim_resources == (
+        podresources.ClaimResource("gpu.example.com", "node-a", "gpu-0", (), share_id="7c2f"),
+    )
+
+
+def test_dra_fields_have_the_kubelets_field_numbers():
+    """Wire compatibility with Kubernetes 1.36's podresources v1 api.proto: field numbers, and
+    class_name (1) gone from DynamicResource."""
+    from virtcore.kubelet import podresources_pb2 as pb
+
+    def numbers(message):
+        return {f.name: f.number for f in message.DESCRIPTOR.fields}
+
+    assert numbers(pb.ContainerResources)["dynamic_resources"] == 5
+    assert numbers(pb.DynamicResource) == {
+        "claim_name": 2,
+        "claim_namespace": 3,
+        "claim_resources": 4,
+    }
+    assert numbers(pb.ClaimResource) == {
+        "cdi_devices": 1,
+        "driver_name": 2,
+        "pool_name": 3,
+        "device_name": 4,
+        "share_id": 5,
+    }
+    assert pb.ClaimResource.DESCRIPTOR.fields_by_name["share_id"].has_presence
+    assert numbers(pb.CDIDevice) == {"name": 1}

@@ -83,7 +83,8 @@ class CriLab:
             self._install_plugins()
             # The node policy (the fake tree) reaches the plugin through containerd's
             # environment, which containerd passes to every CNI plugin it runs.
-            env = node_policy(tmp / "ehost-device-policy.yaml", str(self.fake.root))
+            self.policy = tmp / "ehost-device-policy.yaml"
+            env = node_policy(self.policy, str(self.fake.root))
             env.update(self._mode_env())
             self.ctd = ctd.Containerd(
                 self.root, self.node.path, cni_bin=self.bin, cni_conf=self.conf_dir, env=env
@@ -123,7 +124,7 @@ class CriLab:
                 + ' "$@"\n'
             )
             target.chmod(0o755)
-        for name in ("loopback", "host-local", "host-device"):
+        for name in ("loopback", "host-local", "host-device", "ptp"):
             (self.bin / name).symlink_to(os.path.join(CNI_BIN, name))
 
     def nic_pair(self, pci_a: str, name_a: str, pci_b: str, name_b: str) -> Tuple[Nic, Nic]:
@@ -168,6 +169,19 @@ class CriLab:
         if wait:
             self.wait_loaded(plugin)
 
+    def write_chain(self, plugins: List[Dict[str, Any]], version: str = "1.0.0") -> None:
+        """The node's one conflist with several plugins (e.g. the cluster network, then
+        ehost-device chained), replaced atomically; then wait until containerd uses it."""
+        conflist = {"cniVersion": version, "name": self.network, "plugins": plugins}
+        tmp = self.conf_dir / ".10-vcri.tmp"
+        tmp.write_text(json.dumps(conflist))
+        os.rename(tmp, self.conf_dir / "10-vcri.conflist")
+        deadline = time.monotonic() + 10
+        while self.loaded_plugins() != plugins:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"containerd did not load the new conflist: {plugins}")
+            time.sleep(0.02)
+
     def wait_loaded(self, plugin: Dict[str, Any], timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout
         while True:
@@ -178,19 +192,25 @@ class CriLab:
             time.sleep(0.02)
 
     def loaded_plugin(self) -> Optional[Dict[str, Any]]:
-        """The plugin config containerd's CNI library holds now."""
+        """The (first) plugin config containerd's CNI library holds now."""
+        plugins = self.loaded_plugins()
+        return plugins[0] if plugins else None
+
+    def loaded_plugins(self) -> List[Dict[str, Any]]:
+        """The plugin configs of this lab's network that containerd's CNI library holds now."""
         raw = self.cri.network_config()
         if not raw:
-            return None
+            return []
         for net in json.loads(raw).get("Networks") or []:
             conf = net.get("Config") or {}
             if conf.get("Name") != self.network:
                 continue
-            for plugin in conf.get("Plugins") or []:
-                src = plugin.get("Source")
-                if isinstance(src, str):
-                    return json.loads(src)
-        return None
+            return [
+                json.loads(p["Source"])
+                for p in conf.get("Plugins") or []
+                if isinstance(p.get("Source"), str)
+            ]
+        return []
 
     def use_nic(self, nic: Nic, **keys: Any) -> Dict[str, Any]:
         plugin = self.plugin_conf(deviceID=nic.pci, **keys)

@@ -1,5 +1,7 @@
 """The virtdp-serve test bench: a node namespace with veth "NICs", a fake PCI tree naming them,
-the test kubelet, and the daemon run as shipped inside the node namespace (hostNetwork)."""
+the test kubelet (device plugin and DRA sides), the test API server (listening inside the node
+namespace, where the daemon reaches it on loopback), and the daemon run as shipped inside the
+node namespace (hostNetwork)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 from fakesysfs import FakeSysfs
 from netlab import Netns, ip, veth
+from testapiserver import TestApiServer
 from testkubelet import TestKubelet
+from testkubeletdra import TestDraKubelet
 from toolrun import tool_command
+
+from virtcore import claims
+
+NODE = "node-a"
+DRIVER = claims.DEFAULT_DRIVER
 
 
 def free_port() -> int:
@@ -38,8 +47,13 @@ class ServeLab:
         self.config_path = self.root / "pools.yaml"
         self.sysfs = FakeSysfs(self.root / "sys")
         self.plugin_dir.mkdir()
+        self.registry_dir = self.root / "reg"
+        self.kubelet_plugins_dir = self.root / "plugins"
+        self.dra_state_dir = self.root / "dra"
         self.namespaces: List[Netns] = []
         self.kubelet = TestKubelet(str(self.plugin_dir))
+        self._dra_kubelet: Optional[TestDraKubelet] = None
+        self._api: Optional[TestApiServer] = None
         self.proc: Optional[subprocess.Popen] = None
         self.log_path = self.root / "serve.log"
         self.metrics_port: Optional[int] = None
@@ -202,6 +216,123 @@ class ServeLab:
     def socket_path(self, resource: str) -> Path:
         return self.plugin_dir / (resource.replace("/", "_") + ".sock")
 
+    # -- DRA -------------------------------------------------------------------------------
+    @property
+    def dra_kubelet(self) -> TestDraKubelet:
+        """The kubelet's DRA side, with its client to the test API server (slice wiping)."""
+        if self._dra_kubelet is None:
+            self._dra_kubelet = TestDraKubelet(str(self.registry_dir), api=self.api, node=NODE)
+        return self._dra_kubelet
+
+    @dra_kubelet.setter
+    def dra_kubelet(self, kubelet: TestDraKubelet) -> None:
+        if self._dra_kubelet is not None:
+            self._dra_kubelet.stop()
+        self._dra_kubelet = kubelet
+
+    @property
+    def api(self) -> TestApiServer:
+        """The test API server on 127.0.0.1 of the node namespace (where the daemon runs)."""
+        if self._api is None:
+            self._api = TestApiServer(netns=self.node.path)
+            self._api.start()
+        return self._api
+
+    def dra_args(self, mode: str = "dra", *extra: str) -> List[str]:
+        kubeconfig = self.api.kubeconfig(str(self.root / "kubeconfig"))
+        return [
+            "--mode",
+            mode,
+            "--node-name",
+            NODE,
+            "--kubelet-registry-dir",
+            str(self.registry_dir),
+            "--kubelet-plugins-dir",
+            str(self.kubelet_plugins_dir),
+            "--dra-state-dir",
+            str(self.dra_state_dir),
+            "--kubeconfig",
+            kubeconfig,
+            *extra,
+        ]
+
+    @property
+    def registration_socket(self) -> Path:
+        return self.registry_dir / f"{DRIVER}-reg.sock"
+
+    @property
+    def dra_socket(self) -> Path:
+        return self.kubelet_plugins_dir / DRIVER / "dra.sock"
+
+    def claim(
+        self,
+        name: str,
+        devices: Sequence[str] = (),
+        *,
+        pods: Sequence[Tuple[str, str]] = (("pod-uid-1", "pod-1"),),
+        namespace: str = "default",
+        requests: Optional[Sequence[str]] = None,
+        config: Sequence[Dict[str, Any]] = (),
+        driver: str = DRIVER,
+        pool: str = NODE,
+        node: str = NODE,
+        allocated: bool = True,
+    ) -> Dict[str, Any]:
+        """A ResourceClaim in the API server, allocated as the scheduler does it: one result per
+        PCI address in `devices` (request "nic" unless `requests` names each), pinned to `node`,
+        reserved for `pods` (uid, name)."""
+        obj = self.api.create(
+            "resourceclaims",
+            {
+                "apiVersion": "resource.k8s.io/v1",
+                "kind": "ResourceClaim",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {
+                    "devices": {
+                        "requests": [
+                            {"name": r, "exactly": {"deviceClassName": DRIVER}}
+                            for r in sorted(set(requests or ["nic"]))
+                        ]
+                    }
+                },
+            },
+        )
+        if not allocated:
+            return obj
+        reqs = list(requests or ["nic"] * len(devices))
+        obj["status"] = {
+            "allocation": {
+                "devices": {
+                    "results": [
+                        {
+                            "request": r,
+                            "driver": driver,
+                            "pool": pool,
+                            "device": claims.device_name(d),
+                        }
+                        for r, d in zip(reqs, devices)
+                    ],
+                    "config": list(config),
+                },
+                "nodeSelector": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchFields": [
+                                {"key": "metadata.name", "operator": "In", "values": [node]}
+                            ]
+                        }
+                    ]
+                },
+            },
+            "reservedFor": [
+                {"resource": "pods", "name": pod_name, "uid": uid} for uid, pod_name in pods
+            ],
+        }
+        return self.api.update("resourceclaims", obj, subresource="status")
+
+    def record(self) -> Dict[str, claims.PreparedClaim]:
+        return claims.load(str(self.dra_state_dir))
+
     def close(self) -> None:
         """Idempotent; each step runs even when an earlier one failed."""
         try:
@@ -214,6 +345,10 @@ class ServeLab:
         finally:
             try:
                 self.kubelet.stop()
+                if self._dra_kubelet is not None:
+                    self._dra_kubelet.stop()
+                if self._api is not None:
+                    self._api.stop()
             finally:
                 for ns in reversed(self.namespaces):
                     ns.close()

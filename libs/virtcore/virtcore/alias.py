@@ -5,8 +5,13 @@ DEL needs to give a NIC back (its host name, PCI address, original MTU and MAC) 
 on a file that can be lost. Format (one line, at most 255 bytes):
 
     virtdp/v1 host=<ifname> pci=<bdf> [mtu=<int>] [mac=<aa:bb:..>] [down=1]
+              [pod=<pod uid> claim=<claim uid> att=<CNI_IFNAME>]
 
-`down=1` records that the NIC was administratively down on the host before ADD.
+`down=1` records that the NIC was administratively down on the host before ADD. A NIC taken by
+its DRA claim (the network config named no device) also records whose it is: the pod, the claim,
+and the attachment's CNI_IFNAME (the NIC's own name through a NAD, the cluster network's
+interface when chained), so that DEL finds every NIC of one attachment, in the pod or back on
+the host after the pod's namespace died. Unknown keys are ignored: older readers still decode.
 Stdlib only: on ehost-device's start path.
 """
 
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 PREFIX = "virtdp/v1"
+MAX_BYTES = 255  # IFALIASZ (256) less the terminating NUL
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,9 @@ class Mark:
     mtu: Optional[int] = None  # original MTU, when ADD changed it
     mac: Optional[str] = None  # original MAC, when ADD changed it
     was_down: bool = False
+    pod: Optional[str] = None  # K8S_POD_UID of the pod the NIC was claimed for
+    claim: Optional[str] = None  # the DRA claim's UID
+    attachment: Optional[str] = None  # CNI_IFNAME of the ADD that took it by claim
 
     def encode(self) -> str:
         parts = [PREFIX, f"host={self.host_ifname}", f"pci={self.pci_address}"]
@@ -34,6 +43,9 @@ class Mark:
             parts.append(f"mac={self.mac}")
         if self.was_down:
             parts.append("down=1")
+        for key, value in (("pod", self.pod), ("claim", self.claim), ("att", self.attachment)):
+            if value is not None:
+                parts.append(f"{key}={value}")
         return " ".join(parts)
 
 
@@ -59,4 +71,7 @@ def decode(alias: Optional[str]) -> Optional[Mark]:
         mtu=mtu,
         mac=fields.get("mac"),
         was_down=fields.get("down") == "1",
+        pod=fields.get("pod") or None,
+        claim=fields.get("claim") or None,
+        attachment=fields.get("att") or None,
     )

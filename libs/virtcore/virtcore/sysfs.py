@@ -8,6 +8,7 @@ This module is on ehost-device's start path: stdlib only, Python 3.9+.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -233,4 +234,22 @@ def netdev_pci_address(sysfs_root: str, ifname: str) -> Optional[str]:
     for part in reversed(parts[:-2]):
         if pci.is_pci_address(part):
             return pci.normalize(part)
+    return None
+
+
+_PCI_ROOT = re.compile(r"^pci[0-9a-f]{4}:[0-9a-f]{2}$")
+
+
+def pcie_root(sysfs_root: str, pci_address: str) -> Optional[str]:
+    """The PCI root complex the function sits under, as sysfs names it ("pci0000:00"): the
+    value of Kubernetes' standard `resource.kubernetes.io/pcieRoot` device attribute. None when
+    the function is gone or its path names no root (one readlink, no path walk)."""
+    path = os.path.join(sysfs_root, "bus", "pci", "devices", pci.normalize(pci_address))
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return None
+    for part in target.split(os.sep):
+        if _PCI_ROOT.match(part):
+            return part
     return None

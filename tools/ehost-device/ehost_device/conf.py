@@ -39,11 +39,13 @@ E_NETLINK = 107  # a link, address or route operation failed
 E_CHECK = 108  # CHECK found the attachment not as expected
 E_POLICY = 109  # the node policy file (or the pool config it names) is unusable
 E_NOT_ALLOWED = 110  # the node policy refuses the NIC: the node's own, or outside allowed pools
+E_CLAIM_RECORD = 111  # the DRA claim record (claims.json) is unusable, or names a NIC wrongly
+E_NO_CLAIM = 112  # by claim through a NAD: the pod holds no claimed NIC for this attachment
 
 # Settings of the node, not of a network: a network config is tenant input (whoever may write a
 # NetworkAttachmentDefinition), so these keys are refused there (DEL ignores them) and read from
 # the node policy file instead (ehost_device.policy).
-NODE_KEYS = ("logFile", "sysfsRoot", "executorSocket")
+NODE_KEYS = ("logFile", "sysfsRoot", "executorSocket", "draStateDir")
 
 # Container IDs and network names (spec 1.1, sections 1 and 2; libcni's ValidateNetworkName).
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -115,6 +117,11 @@ class Conf:
     dns: Dict[str, Any]  # the config's own `dns` (spec 1.1, section 1), {} if none
     policy: Policy = field(repr=False, compare=False)  # the node's settings
     raw: Dict[str, Any] = field(repr=False, compare=False)  # the config as received
+
+    @property
+    def names_nic(self) -> bool:
+        """Whether the config names a NIC; if not, the pod's DRA claims do (`claimed`)."""
+        return bool(self.pci_address or self.device or self.hwaddr)
 
 
 def _err_env(var: str, why: str) -> CniError:
@@ -232,14 +239,11 @@ def refuse_node_keys(obj: Mapping[str, Any], policy_source: str) -> None:
         )
 
 
-def load_conf(
-    obj: Dict[str, Any], cni_version: str, policy: Policy, *, need_nic: bool = True
-) -> Conf:
+def load_conf(obj: Dict[str, Any], cni_version: str, policy: Policy) -> Conf:
     """Validate the plugin config (already decoded, version already checked; node keys already
     refused or, for DEL, ignored) against the node's `policy`.
 
-    `need_nic`: ADD and CHECK must be told which NIC; DEL finds it by its mark, STATUS and GC
-    do not touch NICs.
+    A config that names no NIC is valid: the pod's DRA claims name them (ehost_device.claimed).
     """
     from virtcore import pci
 
@@ -289,14 +293,6 @@ def load_conf(
         if not _MAC.match(hwaddr):
             raise _bad("hwaddr", hwaddr, "expected a MAC address such as 52:54:00:12:34:56")
         hwaddr = hwaddr.lower()
-    if need_nic and pci_address is None and device is None and hwaddr is None:
-        raise CniError(
-            E_INVALID_CONFIG,
-            "invalid network configuration: no NIC given",
-            "set deviceID (or pciBusID, or runtimeConfig.deviceID) to a PCI address, "
-            "or device to a host interface name, or hwaddr to its MAC",
-        )
-
     mtu = obj.get("mtu")
     if mtu is not None and (isinstance(mtu, bool) or not isinstance(mtu, int) or mtu < 68):
         raise _bad("mtu", mtu, "expected an integer MTU of at least 68")

@@ -9,6 +9,7 @@ file. Every ADD step registers its undo before the next one runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -167,84 +168,131 @@ def cmd_add(env: Env, c: Conf, environ: Mapping[str, str]) -> Dict[str, Any]:
         )
         fn, nic = _host_nic(c, host, pci_address)
         _check_allowed(c, pci_address, fn, nic)
-        try:
-            pod = hold.enter_context(netns.open_ns(env.netns))
-        except netns.NamespaceNotFound as e:
-            raise CniError(cni.E_NETNS_MISSING, "CNI_NETNS does not exist", str(e)) from None
-        if netns.link_by_name(pod, env.ifname) is not None:
-            raise CniError(
-                cni.E_IFNAME_EXISTS,
-                f"interface {env.ifname} already exists in {env.netns}",
-                "CNI_IFNAME must not exist in the pod namespace",
-            )
-
-        # A NIC that still carries our mark came back from a namespace that died before its
-        # DEL: the mark, not its current state, says what it looked like on the host.
-        old = alias.decode(nic.alias)
-        if old is not None and old.pci_address != pci_address:
-            old = None
-        orig_mtu = old.mtu if old and old.mtu is not None else nic.mtu
-        orig_mac = old.mac if old and old.mac else nic.mac
-        final_mtu = c.mtu or nic.mtu
-        final_mac = c.mac or nic.mac
-        mark = alias.Mark(
-            host_ifname=old.host_ifname if old else nic.name,
-            pci_address=pci_address,
-            mtu=orig_mtu if orig_mtu != final_mtu else None,
-            mac=orig_mac if orig_mac != final_mac else None,
-            was_down=old.was_down if old else not nic.up,
-        )
-        log.info(
-            "ADD %s: %s (%s) -> %s in %s",
-            env.container_id,
-            nic.name,
-            pci_address,
-            env.ifname,
-            env.netns,
-        )
-
-        caller.checkpoint("the NIC moved")
+        pod = _open_pod(hold, env)
+        _ifname_free(env, pod, env.ifname)
         with contextlib.ExitStack() as undo:
-            # The mark first: should this process (or the executor) die right after the next
-            # step, the NIC is down, and only the mark tells a DEL that it was up.
-            netns.set_alias(host, nic, mark.encode(), undo=undo)
-            if nic.up:  # links are renamed, and MACs changed, while down
-                netns.set_up(host, nic, False, undo=undo)
-            # Moved and renamed in one request, so the rename happens as the NIC arrives in
-            # the pod: no udev or NetworkManager on the host races it, and the host name
-            # cannot clash with a pod link of the same name. One move, not two through a
-            # namespace of our own: a move costs the kernel two RCU grace periods.
-            link = netns.move(host, nic, pod, env.netns, HOST_NS, name=env.ifname, undo=undo)
-            if c.mtu:  # still down: the MAC and MTU change before anything uses the link
-                link = netns.set_mtu(pod, link, c.mtu, undo=undo)
-            if c.mac:
-                link = netns.set_mac(pod, link, c.mac, undo=undo)
-            netns.set_up(pod, link, True, undo=undo)
-
-            got = res.Result()
-            if c.ipam_type:
-                ipam_type = c.ipam_type
-                caller.checkpoint("IPAM ADD")
-                # Registered before the call: an IPAM ADD that fails half-way is DELeted too.
-                _undo_step(
-                    undo,
-                    "IPAM ADD",
-                    lambda: ipam.run(ipam_type, "DEL", environ, c.raw, list(env.path)),
-                )
-                raw = ipam.run(ipam_type, "ADD", environ, c.raw, list(env.path))
-                try:
-                    got = res.parse(raw or {})
-                except res.ResultError as e:
-                    raise CniError(
-                        cni.E_IPAM_RESULT,
-                        f"IPAM plugin {ipam_type} returned an unusable result",
-                        str(e),
-                    ) from None
-                _configure(pod, link, got, undo)
+            link, got = _plumb(env, c, environ, host, pod, pci_address, nic, env.ifname, undo)
             caller.checkpoint("the result was ready")
             undo.pop_all()
 
     return _add_result(env, c, pci_address, link, got)
+
+
+def _open_pod(hold: contextlib.ExitStack, env: Env) -> Any:
+    try:
+        return hold.enter_context(netns.open_ns(env.netns))
+    except netns.NamespaceNotFound as e:
+        raise CniError(cni.E_NETNS_MISSING, "CNI_NETNS does not exist", str(e)) from None
+
+
+def _ifname_free(env: Env, pod: Any, ifname: str) -> None:
+    if netns.link_by_name(pod, ifname) is not None:
+        raise CniError(
+            cni.E_IFNAME_EXISTS,
+            f"interface {ifname} already exists in {env.netns}",
+            (
+                "CNI_IFNAME must not exist in the pod namespace"
+                if ifname == env.ifname
+                else "the name the pod's claim gives the NIC must be free in the pod namespace"
+            ),
+        )
+
+
+def _plumb(
+    env: Env,
+    c: Conf,
+    environ: Mapping[str, str],
+    host: Any,
+    pod: Any,
+    pci_address: str,
+    nic: netns.Link,
+    ifname: str,
+    undo: contextlib.ExitStack,
+    *,
+    owner: Optional[Tuple[str, str, str]] = None,
+    routes: bool = True,
+) -> Tuple[netns.Link, res.Result]:
+    """Move the host NIC `nic` into the pod as `ifname`, bring it up, and run the IPAM ADD for
+    it (CNI_IFNAME `ifname`); every step registers its undo on `undo` before the next runs.
+    `owner`: (pod UID, claim UID, attachment), recorded in the mark of a NIC taken by claim.
+    `routes`: install the IPAM result's routes (False: its addresses only, and the result
+    returned has no routes)."""
+    # A NIC that still carries our mark came back from a namespace that died before its
+    # DEL: the mark, not its current state, says what it looked like on the host.
+    old = alias.decode(nic.alias)
+    if old is not None and old.pci_address != pci_address:
+        old = None
+    orig_mtu = old.mtu if old and old.mtu is not None else nic.mtu
+    orig_mac = old.mac if old and old.mac else nic.mac
+    final_mtu = c.mtu or nic.mtu
+    final_mac = c.mac or nic.mac
+    mark = alias.Mark(
+        host_ifname=old.host_ifname if old else nic.name,
+        pci_address=pci_address,
+        mtu=orig_mtu if orig_mtu != final_mtu else None,
+        mac=orig_mac if orig_mac != final_mac else None,
+        was_down=old.was_down if old else not nic.up,
+    )
+    if owner is not None:
+        pod_uid, claim_uid, attachment = owner
+        mark = dataclasses.replace(mark, pod=pod_uid, claim=claim_uid, attachment=attachment)
+    encoded = mark.encode()
+    if len(encoded.encode()) > alias.MAX_BYTES:
+        raise CniError(
+            cni.E_INVALID_ENV,
+            f"the mark for {pci_address} does not fit a link alias",
+            f"{encoded!r} is over {alias.MAX_BYTES} bytes (a pod or claim UID too long?)",
+        )
+    log.info(
+        "ADD %s: %s (%s) -> %s in %s",
+        env.container_id,
+        nic.name,
+        pci_address,
+        ifname,
+        env.netns,
+    )
+
+    caller.checkpoint("the NIC moved")
+    # The mark first: should this process (or the executor) die right after the next step, the
+    # NIC is down, and only the mark tells a DEL that it was up.
+    netns.set_alias(host, nic, encoded, undo=undo)
+    if nic.up:  # links are renamed, and MACs changed, while down
+        netns.set_up(host, nic, False, undo=undo)
+    # Moved and renamed in one request, so the rename happens as the NIC arrives in the pod:
+    # no udev or NetworkManager on the host races it, and the host name cannot clash with a
+    # pod link of the same name. One move, not two through a namespace of our own: a move
+    # costs the kernel two RCU grace periods.
+    link = netns.move(host, nic, pod, env.netns, HOST_NS, name=ifname, undo=undo)
+    if c.mtu:  # still down: the MAC and MTU change before anything uses the link
+        link = netns.set_mtu(pod, link, c.mtu, undo=undo)
+    if c.mac:
+        link = netns.set_mac(pod, link, c.mac, undo=undo)
+    netns.set_up(pod, link, True, undo=undo)
+
+    got = res.Result()
+    if c.ipam_type:
+        ipam_type = c.ipam_type
+        ipam_env = environ if ifname == env.ifname else {**environ, "CNI_IFNAME": ifname}
+        caller.checkpoint("IPAM ADD")
+        # Registered before the call: an IPAM ADD that fails half-way is DELeted too.
+        _undo_step(
+            undo,
+            "IPAM ADD",
+            lambda: ipam.run(ipam_type, "DEL", ipam_env, c.raw, list(env.path)),
+        )
+        raw = ipam.run(ipam_type, "ADD", ipam_env, c.raw, list(env.path))
+        try:
+            got = res.parse(raw or {})
+        except res.ResultError as e:
+            raise CniError(
+                cni.E_IPAM_RESULT,
+                f"IPAM plugin {ipam_type} returned an unusable result",
+                str(e),
+            ) from None
+        if not routes:
+            got = dataclasses.replace(got, routes=())
+        _configure(pod, link, got, undo)
+    return link, got
 
 
 def _configure(pod: Any, link: netns.Link, got: res.Result, undo: contextlib.ExitStack) -> None:
@@ -516,24 +564,7 @@ def _check_failed(msg: str, details: str = "") -> CniError:
 
 
 def cmd_check(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
-    if cni.version_tuple(c.cni_version) < (0, 4, 0):
-        raise CniError(
-            cni.E_INCOMPATIBLE_VERSION,
-            f"CHECK is not defined for cniVersion {c.cni_version}",
-            "CHECK needs cniVersion 0.4.0 or later",
-        )
-    if c.prev_result is None:
-        raise CniError(
-            cni.E_INVALID_CONFIG,
-            "invalid network configuration: prevResult",
-            "CHECK needs the prevResult of the ADD",
-        )
-    try:
-        prev = res.parse(c.prev_result)
-    except res.ResultError as e:
-        raise CniError(
-            cni.E_INVALID_CONFIG, "invalid network configuration: prevResult", str(e)
-        ) from None
+    prev = _check_prev(c)
     if netns.is_own(env.netns):
         raise _own_netns(env)
     # IPAM CHECK starts first and runs alongside ours; ours is reported first.
@@ -553,6 +584,30 @@ def cmd_check(env: Env, c: Conf, environ: Mapping[str, str]) -> None:
         raise ipam_error
     if pending is not None:
         pending.result()
+
+
+def _check_prev(c: Conf) -> res.Result:
+    """The prevResult a CHECK checks against; errors for a version without CHECK or a missing
+    or unusable prevResult."""
+    if cni.version_tuple(c.cni_version) < (0, 4, 0):
+        raise CniError(
+            cni.E_INCOMPATIBLE_VERSION,
+            f"CHECK is not defined for cniVersion {c.cni_version}",
+            "CHECK needs cniVersion 0.4.0 or later",
+        )
+    if c.prev_result is None:
+        raise CniError(
+            cni.E_INVALID_CONFIG,
+            "invalid network configuration: prevResult",
+            "CHECK needs the prevResult of the ADD",
+        )
+    try:
+        prev = res.parse(c.prev_result)
+    except res.ResultError as e:
+        raise CniError(
+            cni.E_INVALID_CONFIG, "invalid network configuration: prevResult", str(e)
+        ) from None
+    return prev
 
 
 def _check_pod(env: Env, c: Conf, pod: Any, prev: res.Result) -> None:
@@ -761,13 +816,21 @@ def run(environ: Mapping[str, str], data: bytes) -> Tuple[int, Optional[Dict[str
                 )
         else:
             cni.refuse_node_keys(obj, node.source)
-        c = cni.load_conf(obj, version, node, need_nic=env.command in ("ADD", "CHECK"))
+        c = cni.load_conf(obj, version, node)
         _setup_logging(c)
         if warning:
             log.warning("%s %s: %s", env.command, env.container_id, warning)
         cni.require_path(environ, env.command, needs_ipam=c.ipam_type is not None)
+        commands = COMMANDS
+        if not c.names_nic or env.command == "DEL":
+            from ehost_device import claimed
+
+            # The pod's DRA claims name the NICs; or a DEL whose config names a device now,
+            # of an attachment that took NICs by claim.
+            if not c.names_nic or claimed.statuses_of(env, c):
+                commands = claimed.COMMANDS
         try:
-            out = COMMANDS[env.command](env, c, environ)
+            out = commands[env.command](env, c, environ)
         except netns.NetnsError as e:
             raise CniError(cni.E_NETLINK, f"{env.command} failed", str(e)) from None
         return 0, out

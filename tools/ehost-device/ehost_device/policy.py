@@ -24,6 +24,8 @@ ENV = "EHOST_DEVICE_POLICY"
 DEFAULT_PATH = "/etc/virtdp/ehost-device.yaml"
 
 DEFAULT_POOL_CONFIG = "/etc/virtdp/config.yaml"
+# virtcore.claims.DEFAULT_DIR; spelled out here so that loading the policy does not import it.
+DEFAULT_DRA_STATE_DIR = "/var/lib/virtdp/dra"
 LOG_LEVELS = ("error", "warning", "info", "debug")
 
 
@@ -104,6 +106,17 @@ SCHEMA: Tuple[Key, ...] = (
         DEFAULT_POOL_CONFIG,
         _absolute,
     ),
+    Key(
+        "draStateDir",
+        "string",
+        False,
+        DEFAULT_DRA_STATE_DIR,
+        "Directory of virtdp-serve's DRA record (its `--dra-state-dir`): the plugin reads "
+        "`claims.json` there to find a pod's claimed NICs when the network config names no "
+        "device, and writes each plumbed NIC's network status under `status/`.",
+        DEFAULT_DRA_STATE_DIR,
+        _absolute,
+    ),
 )
 
 
@@ -116,6 +129,7 @@ class Policy:
     executor_socket: str = DEFAULT_SOCKET
     allowed_pools: Tuple[str, ...] = ()
     pool_config: str = DEFAULT_POOL_CONFIG
+    dra_state_dir: str = DEFAULT_DRA_STATE_DIR
 
 
 DEFAULTS = Policy(source=f"built-in defaults ({DEFAULT_PATH} is absent)")
@@ -171,6 +185,7 @@ def parse(text: str, source: str) -> Policy:
         "logLevel": "log_level",
         "executorSocket": "executor_socket",
         "poolConfig": "pool_config",
+        "draStateDir": "dra_state_dir",
     }
     for key, value in top.items():
         schema_key = walker.by_path[key]

@@ -1,5 +1,10 @@
 """Which pod and container holds which device: from the kubelet's pod-resources API, or from
 its checkpoint file when the API does not answer, joined with where each NIC is now.
+
+The API also lists DRA devices (a container's ResourceClaims, one row per device: `resource` is
+the driver, `device_id` the DRA device name, `claim` the claim); a device named from a PCI
+address the way virtdp names them (`pci-0000-00-04-0`) is placed like any NIC. The device
+manager's checkpoint knows no DRA devices.
 """
 
 from __future__ import annotations
@@ -7,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from virtcore import checkpoint, pci
+from virtcore import checkpoint, claims, pci
 from virtcore.kubelet import podresources
-from virtdp_inspect.locate import Locator
+from virtdp_inspect.locate import ABSENT, Locator, Place
 
 SOURCE_API = "pod-resources"
 SOURCE_CHECKPOINT = "checkpoint"
@@ -30,6 +35,14 @@ class Allocation:
     resource: str
     device_id: str
     kubelet_numa_node: Optional[int]  # the NUMA node the kubelet recorded; None = none
+    claim: Optional[str] = None  # DRA: "<namespace>/<name>" of the ResourceClaim
+    pool: Optional[str] = None  # DRA: the device's pool
+
+    @property
+    def pci_address(self) -> Optional[str]:
+        if self.claim is not None:
+            return claims.pci_address_of(self.device_id)
+        return pci.normalize(self.device_id) if pci.is_pci_address(self.device_id) else None
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,21 @@ def from_api(socket_path: str, timeout: float) -> List[Allocation]:
                             resource=group.resource_name,
                             device_id=dev_id,
                             kubelet_numa_node=numa,
+                        )
+                    )
+            for claim in c.dynamic_resources:
+                for r in claim.claim_resources:
+                    out.append(
+                        Allocation(
+                            namespace=pod.namespace,
+                            pod=pod.name,
+                            pod_uid=None,
+                            container=c.name,
+                            resource=r.driver_name,
+                            device_id=r.device_name,
+                            kubelet_numa_node=None,
+                            claim=f"{claim.claim_namespace}/{claim.claim_name}",
+                            pool=r.pool_name,
                         )
                     )
     return out
@@ -110,7 +138,11 @@ def rows(source: Source, locator: Locator, resources: Sequence[str] = ()) -> Lis
     for a in source.allocations:
         if resources and a.resource not in resources:
             continue
-        place = locator.place(a.device_id)
+        address = a.pci_address
+        if a.claim is not None and address is None:
+            place = Place(ABSENT, note="DRA device not named from a PCI address (not virtdp's)")
+        else:
+            place = locator.place(address or a.device_id)
         out.append(
             {
                 "namespace": a.namespace,
@@ -119,9 +151,9 @@ def rows(source: Source, locator: Locator, resources: Sequence[str] = ()) -> Lis
                 "container": a.container,
                 "resource": a.resource,
                 "device_id": a.device_id,
-                "pci_address": (
-                    pci.normalize(a.device_id) if pci.is_pci_address(a.device_id) else None
-                ),
+                "claim": a.claim,
+                "pool": a.pool,
+                "pci_address": address,
                 "numa_node": place.numa_node,
                 "kubelet_numa_node": a.kubelet_numa_node,
                 "location": place.location,

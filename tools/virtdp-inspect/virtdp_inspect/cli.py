@@ -1,4 +1,4 @@
-"""virtdp-inspect's command line: allocations, devices, checkpoint, netns.
+"""virtdp-inspect's command line: allocations, claims, devices, checkpoint, netns.
 
 Each command gathers through virtcore (and this package's join helpers) and prints: a table, or
 `-o json|yaml` with the keys documented in the README. stdout carries that data only; the
@@ -16,6 +16,7 @@ from typing import Annotated, Any, List, Mapping, Optional, Sequence
 import typer
 
 from virtcore import checkpoint, command, discovery, plumbed, render
+from virtcore import claims as claim_record
 from virtcore.kubelet import podresources
 from virtdp_inspect import __version__
 
@@ -96,6 +97,18 @@ def _root(
     pass
 
 
+def _locator(sysfs_root: Path, netns: Optional[Path], netns_dir: Path) -> Any:
+    """Where each NIC is now (virtdp_inspect.locate), and the problems met finding out."""
+    from virtdp_inspect import locate
+
+    return locate.build(
+        str(sysfs_root),
+        netns=str(netns) if netns else None,
+        netns_dir=str(netns_dir),
+        proc_root=plumbed.PROC_ROOT,
+    )
+
+
 # -- allocations ---------------------------------------------------------------------------------
 def _where(row: Mapping[str, Any]) -> str:
     loc = row["location"]
@@ -118,13 +131,17 @@ ALLOC_COLUMNS = [
     render.Column("container", "container"),
     render.Column("resource", "resource"),
     render.Column("device_id", "device"),
+    render.Column("claim", "claim"),
     render.Column("numa_node", "NUMA"),
     render.Column("location", "where", _where),
     render.Column("note", "note"),
 ]
 
 
-@app.command(help="Which pod and container holds which NIC, and where that NIC is now.")
+@app.command(
+    help="Which pod and container holds which NIC (device plugin and DRA), and where that NIC "
+    "is now."
+)
 def allocations(
     pod_resources_socket: PodResourcesOpt = Path(podresources.DEFAULT_SOCKET),
     checkpoint_file: CheckpointOpt = Path(checkpoint.DEFAULT_PATH),
@@ -136,15 +153,9 @@ def allocations(
     output: OutputOpt = Output.table,
 ) -> None:
     from virtdp_inspect import allocations as alloc
-    from virtdp_inspect import locate
 
     # Netlink first: reading other namespaces forks helpers, which gRPC threads dislike.
-    locator, problems = locate.build(
-        str(sysfs_root),
-        netns=str(netns) if netns else None,
-        netns_dir=str(netns_dir),
-        proc_root=plumbed.PROC_ROOT,
-    )
+    locator, problems = _locator(sysfs_root, netns, netns_dir)
     try:
         source = alloc.gather(str(pod_resources_socket), str(checkpoint_file), timeout)
     except alloc.NoSource as e:
@@ -168,6 +179,112 @@ def allocations(
             "source_path": source.path,
             "fallback_reason": source.fallback_reason,
             "allocations": rows,
+            "problems": problems,
+        },
+        output,
+    )
+
+
+# -- claims --------------------------------------------------------------------------------------
+def _claim_pods(row: Mapping[str, Any]) -> str:
+    return ", ".join(row["pods"]) or "-"
+
+
+def _claim_status(row: Mapping[str, Any]) -> str:
+    s = row["status"]
+    if not s:
+        return "-"
+    return f"{s['interface_name']} {' '.join(s['ips']) or '(no IP)'}"
+
+
+def _claim_api(row: Mapping[str, Any]) -> str:
+    a = row["api"]
+    if a is None:
+        return ""
+    if a["error"]:
+        return f"error: {a['error']}"
+    parts = ["allocated" if a["allocated"] else "NOT allocated"]
+    nd = a["network_data"]
+    if nd:
+        parts.append(f"status {nd.get('interfaceName', '?')} {' '.join(nd.get('ips') or [])}")
+    else:
+        parts.append("no device status")
+    return ", ".join(parts)
+
+
+CLAIM_COLUMNS = [
+    render.Column("claim", "claim", lambda r: f"{r['namespace']}/{r['claim']}"),
+    render.Column("pods", "pods", _claim_pods),
+    render.Column("request", "request"),
+    render.Column("device", "device"),
+    render.Column("location", "where", _where),
+    render.Column("status", "recorded status", _claim_status),
+    render.Column("api", "API", _claim_api),
+    render.Column("note", "note"),
+]
+
+
+@app.command(
+    help="The DRA claims prepared on this node, their pods, where each claimed NIC is now and "
+    "its recorded network status; with --kubeconfig, what the API says of each claim."
+)
+def claims(
+    dra_state_dir: Annotated[
+        Path,
+        typer.Option("--dra-state-dir", metavar="DIR", help="virtdp-serve's DRA state directory."),
+    ] = Path(claim_record.DEFAULT_DIR),
+    kubeconfig: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--kubeconfig",
+            metavar="FILE",
+            exists=True,
+            dir_okay=False,
+            help="Also read each claim from the API server (allocation, device status).",
+        ),
+    ] = None,
+    sysfs_root: SysfsOpt = Path("/sys"),
+    netns: NetnsOpt = None,
+    netns_dir: NetnsDirOpt = Path(plumbed.NETNS_DIR),
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+    output: OutputOpt = Output.table,
+) -> None:
+    from virtdp_inspect import prepared
+
+    try:
+        record = prepared.read(str(dra_state_dir))
+    except claim_record.ClaimRecordError as e:
+        raise _fail(str(e)) from None
+    locator, problems = _locator(sysfs_root, netns, netns_dir)
+    problems = list(record.problems) + problems
+    api = None
+    if kubeconfig is not None:
+        from virtcore import kubeapi
+
+        try:
+            kube = kubeapi.connect(str(kubeconfig), timeout=(timeout, timeout))
+        except kubeapi.KubeConfigError as e:
+            raise _fail(str(e)) from None
+        try:
+            api = prepared.from_api(kube, record.prepared)
+        finally:
+            kube.close()
+        _say(f"API: {kube.host} ({kube.source})")
+    _say(
+        f"{len(record.prepared)} prepared claims, {len(record.statuses)} network status files "
+        f"in {record.directory}"
+    )
+    for p in problems:
+        _say(f"warning: {p}")
+    rows = prepared.rows(record, locator, api)
+    if output is Output.table:
+        _table(rows, CLAIM_COLUMNS, "prepared claims")
+        return
+    _emit(
+        {
+            "dra_state_dir": record.directory,
+            "api": api is not None,
+            "claims": rows,
             "problems": problems,
         },
         output,
@@ -417,6 +534,10 @@ def netns(
             "original_mtu": n.mark.mtu,
             "original_mac": n.mark.mac,
             "was_down": n.mark.was_down,
+            # Taken by DRA claim (ehost_device.claimed): whose, and through which attachment.
+            "pod_uid": n.mark.pod,
+            "claim_uid": n.mark.claim,
+            "attachment": n.mark.attachment,
         }
         for n in scan.nics
     ]

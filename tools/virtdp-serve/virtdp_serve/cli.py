@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import sys
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Any, List, Optional, Tuple
 
 import typer
 
-from virtcore import command, devinfo, discovery, pools
+from virtcore import claims, command, devinfo, discovery, pools
 from virtcore.kubelet import registration
 from virtdp_serve import __version__, logs, metrics
 
@@ -27,6 +28,18 @@ EXIT_USAGE = command.EXIT_USAGE
 class LogFormat(str, enum.Enum):
     text = "text"
     json = "json"
+
+
+class Mode(str, enum.Enum):
+    device_plugin = "device-plugin"
+    dra = "dra"
+    both = "both"
+
+
+# Kubelet directories of the DRA plugin (the kubelet's defaults under --root-dir).
+DEFAULT_REGISTRY_DIR = "/var/lib/kubelet/plugins_registry"
+DEFAULT_PLUGINS_DIR = "/var/lib/kubelet/plugins"
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 def _fail(code: int, message: str) -> typer.Exit:
@@ -88,6 +101,77 @@ def run(
         ),
     ] = 4
     << 20,
+    mode: Annotated[
+        Mode,
+        typer.Option(
+            "--mode",
+            help="Serve pools through the device plugin API, through DRA, or both (then the "
+            "pools named by --dra-pools go to DRA and the others stay device-plugin pools: no "
+            "NIC is offered twice).",
+        ),
+    ] = Mode.device_plugin,
+    dra_pools: Annotated[
+        Optional[List[str]],
+        typer.Option(
+            "--dra-pools",
+            metavar="POOL[,POOL]",
+            help="With --mode both: the pools (resource names) served through DRA.",
+        ),
+    ] = None,
+    dra_driver: Annotated[
+        str,
+        typer.Option("--dra-driver", metavar="NAME", help="DRA driver name (a DNS subdomain)."),
+    ] = claims.DEFAULT_DRIVER,
+    node_name: Annotated[
+        Optional[str],
+        typer.Option(
+            "--node-name",
+            envvar="NODE_NAME",
+            metavar="NAME",
+            help="This node's name (the DRA pool); default $NODE_NAME (downward API "
+            "spec.nodeName). Required with DRA.",
+        ),
+    ] = None,
+    dra_state_dir: Annotated[
+        Path,
+        typer.Option(
+            "--dra-state-dir",
+            metavar="DIR",
+            help="The node-local claim record (claims.json) and the NICs' network status.",
+        ),
+    ] = Path(claims.DEFAULT_DIR),
+    kubelet_registry_dir: Annotated[
+        Path,
+        typer.Option(
+            "--kubelet-registry-dir",
+            metavar="DIR",
+            help="The kubelet's plugin registration directory (the DRA registration socket).",
+        ),
+    ] = Path(DEFAULT_REGISTRY_DIR),
+    kubelet_plugins_dir: Annotated[
+        Path,
+        typer.Option(
+            "--kubelet-plugins-dir",
+            metavar="DIR",
+            help="The kubelet's plugins directory (the DRA socket: <DIR>/<driver>/dra.sock).",
+        ),
+    ] = Path(DEFAULT_PLUGINS_DIR),
+    kubeconfig: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--kubeconfig",
+            metavar="FILE",
+            help="API server credentials for DRA; default: the pod's ServiceAccount.",
+        ),
+    ] = None,
+    dra_api_timeout: Annotated[
+        float,
+        typer.Option(
+            "--dra-api-timeout",
+            metavar="SECONDS",
+            help="NodePrepareResources reads its claims from the API server within this time.",
+        ),
+    ] = 10.0,
     log_format: Annotated[
         LogFormat, typer.Option("--log-format", help="Log lines as text or json.")
     ] = LogFormat.text,
@@ -126,9 +210,26 @@ def run(
             metrics.parse_address(metrics_address)
         except ValueError as e:
             raise _fail(EXIT_USAGE, f"--metrics-address {e}") from None
+    dra = None
+    if mode != Mode.device_plugin:
+        dra = _dra_options(
+            mode=mode,
+            cfg=cfg,
+            dra_pools=dra_pools,
+            driver=dra_driver,
+            node=node_name,
+            state_dir=dra_state_dir,
+            registry_dir=kubelet_registry_dir,
+            plugins_dir=kubelet_plugins_dir,
+            kubeconfig=kubeconfig,
+            api_timeout=dra_api_timeout,
+        )
+    elif dra_pools:
+        raise _fail(EXIT_USAGE, "--dra-pools: only with --mode both")
     log.info(
-        "virtdp-serve %s: pools from %s: %s",
+        "virtdp-serve %s (%s): pools from %s: %s",
         __version__,
+        mode.value,
         cfg.source,
         ", ".join(p.resource_name for p in cfg.pools),
     )
@@ -142,6 +243,8 @@ def run(
             metrics_address=metrics_address,
             resync_interval=resync_interval,
             event_buffer=event_buffer,
+            device_plugin=mode != Mode.dra,
+            dra=dra,
         )
     except OSError as e:
         raise _fail(
@@ -149,12 +252,102 @@ def run(
         ) from None
     try:
         daemon.start()
+    except claims.ClaimRecordError as e:
+        daemon.shutdown()
+        raise _fail(
+            EXIT_USAGE,
+            f"DRA claim record: {e}; it is left as it is (its claims may be in use): repair or "
+            "move it away to start with an empty record",
+        ) from None
     except (discovery.DiscoveryError, ServeError, OSError) as e:
         daemon.shutdown()
         raise _fail(EXIT_USAGE if isinstance(e, ServeError) else EXIT_FAILURE, str(e)) from None
     code = daemon.run()
     log.info("stopped")
     raise typer.Exit(code)
+
+
+def _dra_options(
+    *,
+    mode: Mode,
+    cfg: pools.Config,
+    dra_pools: Optional[List[str]],
+    driver: str,
+    node: Optional[str],
+    state_dir: Path,
+    registry_dir: Path,
+    plugins_dir: Path,
+    kubeconfig: Optional[Path],
+    api_timeout: float,
+) -> Any:
+    """Check the DRA flags (exit 2 naming the flag) and connect the API client."""
+    from virtcore import kubeapi
+    from virtdp_serve.daemon import DraOptions
+
+    if len(driver) > 63 or not _DNS_SUBDOMAIN.fullmatch(driver):
+        raise _fail(
+            EXIT_USAGE,
+            f"--dra-driver {driver!r}: expected a lower-case DNS subdomain of at most 63 "
+            "characters, such as virt.kernel.org",
+        )
+    if not node:
+        raise _fail(
+            EXIT_USAGE,
+            "--node-name: missing (and $NODE_NAME is unset); expected this node's name, e.g. "
+            "from the downward API (fieldRef spec.nodeName)",
+        )
+    if len(node) > 253 or not _DNS_SUBDOMAIN.fullmatch(node):
+        raise _fail(
+            EXIT_USAGE, f"--node-name {node!r}: expected a node name (a lower-case DNS subdomain)"
+        )
+    names = [n.strip() for item in dra_pools or [] for n in item.split(",") if n.strip()]
+    wanted: Optional[Tuple[str, ...]] = None
+    if mode == Mode.both:
+        if not names:
+            raise _fail(
+                EXIT_USAGE,
+                "--mode both: --dra-pools is missing; expected the pools served through DRA "
+                "(the others stay device-plugin pools)",
+            )
+        known = {p.resource_name for p in cfg.pools}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise _fail(
+                EXIT_USAGE,
+                f"--dra-pools {', '.join(unknown)}: no such pool in {cfg.source}; expected one "
+                f"of {', '.join(sorted(known))}",
+            )
+        wanted = tuple(names)
+    elif names:
+        raise _fail(EXIT_USAGE, "--dra-pools: only with --mode both (--mode dra serves all pools)")
+    for flag, path in (
+        ("--dra-state-dir", state_dir),
+        ("--kubelet-registry-dir", registry_dir),
+        ("--kubelet-plugins-dir", plugins_dir),
+    ):
+        if path.exists() and not path.is_dir():
+            raise _fail(EXIT_USAGE, f"{flag} {path}: not a directory")
+    if not 0.1 <= api_timeout <= 40:
+        raise _fail(
+            EXIT_USAGE,
+            f"--dra-api-timeout {api_timeout:g}: expected seconds between 0.1 and 40 (the "
+            "kubelet gives NodePrepareResources 45 s)",
+        )
+    try:
+        kube = kubeapi.connect(str(kubeconfig) if kubeconfig is not None else None)
+    except kubeapi.KubeConfigError as e:
+        raise _fail(EXIT_USAGE, f"API server: {e}") from None
+    log.info("DRA driver %s on node %s; API server %s (%s)", driver, node, kube.host, kube.source)
+    return DraOptions(
+        driver=driver,
+        node=node,
+        registry_dir=str(registry_dir),
+        plugins_dir=str(plugins_dir),
+        state_dir=str(state_dir),
+        pools=wanted,
+        kube=kube,
+        api_timeout=api_timeout,
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,5 +1,9 @@
-"""The virtdp-serve daemon: one PoolPlugin per configured pool over one shared Inventory, and
-the event loop that keeps them right.
+"""The virtdp-serve daemon: one PoolPlugin per device-plugin pool and, with DRA on, one
+DraPlugin for the DRA pools, over one shared Inventory, and the event loop that keeps them right.
+
+Modes: device plugin only (the default), DRA only, or both. Every NIC is in at most one pool
+(pools.assign), and every pool is served by exactly one side: with both, the pools named by
+--dra-pools go to DRA and the others stay device-plugin pools, so no NIC is offered twice.
 
 The main thread runs `run()`: it sleeps in one selector (events.EventSources) until a kernel
 event, a change in the config file's or the kubelet's directory, or a signal arrives, or the
@@ -17,14 +21,17 @@ import os
 import signal
 import socket
 import time
-from typing import Dict, List, Optional, Set, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from virtcore import discovery, pools, sysfs
 from virtcore.kubelet import registration
-from virtdp_serve import metrics
+from virtdp_serve import claimstatus, metrics, slices
+from virtdp_serve.dra import DEFAULT_API_TIMEOUT, DraPlugin, kube_reader
 from virtdp_serve.events import DEFAULT_RECEIVE_BUFFER, Batch, EventSources
 from virtdp_serve.inventory import Inventory
 from virtdp_serve.plugin import PoolPlugin, file_identity
+from virtdp_serve.prepare import ClaimRef
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,20 @@ def _read_bytes(path: Optional[str]) -> Optional[bytes]:
         return None
 
 
+@dataclass(frozen=True)
+class DraOptions:
+    """How the DRA side runs (None in device-plugin mode)."""
+
+    driver: str
+    node: str
+    registry_dir: str
+    plugins_dir: str
+    state_dir: str
+    pools: Optional[Tuple[str, ...]]  # served through DRA; None: every pool (DRA only)
+    kube: Any  # virtcore.kubeapi.Kube: claims, slices and claim status go through it
+    api_timeout: float = DEFAULT_API_TIMEOUT
+
+
 class Daemon:
     def __init__(
         self,
@@ -55,7 +76,12 @@ class Daemon:
         metrics_address: Optional[str] = None,
         resync_interval: float = DEFAULT_RESYNC_INTERVAL,
         event_buffer: int = DEFAULT_RECEIVE_BUFFER,
+        device_plugin: bool = True,
+        dra: Optional[DraOptions] = None,
     ) -> None:
+        self.device_plugin = device_plugin
+        self.dra_options = dra
+        self.dra: Optional[DraPlugin] = None
         self.config_path = config_path
         self.config_dir = os.path.dirname(os.path.abspath(config_path)) if config_path else None
         self.device_plugin_dir = device_plugin_dir
@@ -76,6 +102,52 @@ class Daemon:
             self._metrics = metrics.MetricsServer(metrics_address, self.ready)
         self._event_buffer = event_buffer
         self._sources: Optional[EventSources] = None
+        self.publisher: Optional[slices.Publisher] = None
+        self.status_writer: Optional[claimstatus.StatusWriter] = None
+        if dra is not None:
+            self.publisher = slices.Publisher(dra.kube, node=dra.node, driver=dra.driver)
+            self.dra = DraPlugin(
+                driver=dra.driver,
+                node=dra.node,
+                registry_dir=dra.registry_dir,
+                plugins_dir=dra.plugins_dir,
+                state_dir=dra.state_dir,
+                inventory=self.inventory,
+                pools=self.dra_pools,
+                reader=kube_reader(dra.kube),
+                api_timeout=dra.api_timeout,
+                on_devices=self.publisher.update,
+                on_claims=self._claims_changed,
+            )
+            self.status_writer = claimstatus.StatusWriter(
+                dra.kube, driver=dra.driver, state_dir=dra.state_dir, prepared=self._prepared
+            )
+
+    # -- which side serves which pool ------------------------------------------------------
+    def is_dra_pool(self, resource_name: str) -> bool:
+        if self.dra_options is None:
+            return False
+        wanted = self.dra_options.pools
+        return wanted is None or resource_name in wanted
+
+    def dra_pools(self) -> List[str]:
+        return [
+            p.resource_name
+            for p in self.inventory.config.pools
+            if self.is_dra_pool(p.resource_name)
+        ]
+
+    def _is_device_plugin_pool(self, resource_name: str) -> bool:
+        return self.device_plugin and not self.is_dra_pool(resource_name)
+
+    def _prepared(self) -> List[Tuple[str, str, str]]:
+        assert self.dra is not None
+        return [(c.uid, c.namespace, c.name) for c in self.dra.prepared().values()]
+
+    def _claims_changed(self, changed: Sequence[ClaimRef]) -> None:
+        if self.status_writer is not None:
+            for ref in changed:
+                self.status_writer.claim_changed(ref.uid, ref.namespace, ref.name)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -92,11 +164,18 @@ class Daemon:
         if self._metrics is not None:
             self._metrics.start()
             log.info("metrics on port %d (/metrics, /healthz, /readyz)", self._metrics.port)
-        os.makedirs(self.device_plugin_dir, exist_ok=True)
+        if self.dra is not None:
+            assert self.publisher is not None and self.status_writer is not None
+            self.publisher.start()
+            self.dra.start()  # reads the claim record, serves, hands the first device list
+            self.status_writer.start()
+        if self.device_plugin:
+            os.makedirs(self.device_plugin_dir, exist_ok=True)
         self._watch_directories()
         for pool in self.inventory.config.pools:
-            self._add_plugin(pool.resource_name)
-        if self._kubelet_id is None:
+            if self._is_device_plugin_pool(pool.resource_name):
+                self._add_plugin(pool.resource_name)
+        if self.device_plugin and self._kubelet_id is None:
             log.info(
                 "no kubelet at %s yet; pools will register when it appears", self.kubelet_socket
             )
@@ -120,6 +199,9 @@ class Daemon:
                     self._watch_directories()
                 if time.monotonic() >= next_resync:
                     self._refresh("resync")
+                    if self.dra is not None:
+                        self.dra.check_sockets()
+                        self.dra.publish()
                     next_resync = time.monotonic() + self.resync_interval
         finally:
             self.shutdown()
@@ -134,6 +216,11 @@ class Daemon:
         log.info("stopping: removing sockets and device-info files")
         for plugin in list(self.plugins.values()):
             plugin.stop()
+        if self.dra is not None:
+            self.dra.stop()
+        for part in (self.status_writer, self.publisher):
+            if part is not None:
+                part.stop()
         if self._sources is not None:
             self._sources.close()
             self._sources = None
@@ -170,8 +257,13 @@ class Daemon:
             self.reload("SIGHUP")
         elif any(ev.path == self.config_dir for ev in batch.files):
             self._check_config("config file changed")
-        if any(ev.path == self.device_plugin_dir for ev in batch.files):
+        if self.device_plugin and any(ev.path == self.device_plugin_dir for ev in batch.files):
             self.watch_kubelet()
+        if self.dra is not None:
+            dra_dirs = self.dra.watched_directories()
+            if "inotify" in batch.overflowed or any(ev.path in dra_dirs for ev in batch.files):
+                self.dra.check_sockets()
+            self.dra.publish()
 
     def _link_targets(self, batch: Batch) -> Set[str]:
         """Apply link events to known devices; the PCI functions that need a re-read."""
@@ -250,7 +342,12 @@ class Daemon:
 
     # -- watched directories ---------------------------------------------------------------
     def _directories(self) -> List[str]:
-        return [d for d in (self.device_plugin_dir, self.config_dir) if d is not None]
+        dirs = [self.config_dir]
+        if self.device_plugin:
+            dirs.append(self.device_plugin_dir)
+        if self.dra is not None:
+            dirs.extend(self.dra.watched_directories())
+        return [d for d in dirs if d is not None]
 
     def _all_watched(self) -> bool:
         return self._sources is not None and all(
@@ -265,15 +362,22 @@ class Daemon:
                     # Whatever changed while it was not watched.
                     if d == self.device_plugin_dir:
                         self.watch_kubelet()
+                    elif self.dra is not None and d in self.dra.watched_directories():
+                        self.dra.check_sockets()
                     else:
                         self._check_config("config directory watched again")
 
     # -- readiness -------------------------------------------------------------------------
     def ready(self) -> Tuple[bool, str]:
         waiting = sorted(name for name, p in self.plugins.items() if not p.registered)
+        if self.dra is not None and not self.dra.registered:
+            waiting.append(f"DRA driver {self.dra.driver}")
         if waiting:
             return False, "not registered with the kubelet: " + ", ".join(waiting)
-        return True, f"ready: {len(self.plugins)} pools registered"
+        what = [f"{len(self.plugins)} pools"] if self.device_plugin else []
+        if self.dra is not None:
+            what.append(f"DRA driver {self.dra.driver}")
+        return True, f"ready: {' and '.join(what)} registered"
 
     # -- kubelet restarts ------------------------------------------------------------------
     def watch_kubelet(self) -> None:
@@ -335,7 +439,8 @@ class Daemon:
         except discovery.DiscoveryError as e:
             log.error("rescan after reload failed: %s", e)
         for name in added:
-            self._add_plugin(name)
+            if self._is_device_plugin_pool(name):
+                self._add_plugin(name)
         metrics.CONFIG_RELOADS.labels("applied").inc()
         log.info(
             "config reload (%s) applied from %s: added %s, removed %s, changed %s",

@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
-from virtcore import discovery, pools
+from virtcore import claims, discovery, pools, sysfs
 from virtdp_serve import metrics
 from virtdp_serve.allocation import HEALTHY, UNHEALTHY
 
@@ -38,10 +38,68 @@ class Device:
     ifindex: Optional[int]
     visible: bool
     admin_up: Optional[bool] = None
+    # What a DRA ResourceSlice says about the NIC (the device plugin API has no room for it).
+    carrier: Optional[bool] = None
+    mac: Optional[str] = None
+    vendor: Optional[str] = None
+    device_id: Optional[str] = None
+    pcie_root: Optional[str] = None
 
     @property
     def health(self) -> str:
         return HEALTHY if self.healthy else UNHEALTHY
+
+
+# Why a NIC offered through DRA cannot be used now: the suffix of its taint key
+# (`<driver domain>/<problem>`) in the ResourceSlice, and the message of its Unhealthy status.
+NO_CARRIER = "no-carrier"
+NO_NETDEV = "no-netdev"
+
+
+@dataclass(frozen=True)
+class DraDevice:
+    """One NIC as the DRA side offers it (ResourceSlice device, health stream entry)."""
+
+    name: str  # claims.device_name(pci_address)
+    pci_address: str
+    pool: str  # the virtdp pool it is in
+    numa_node: Optional[int]
+    mac: Optional[str]
+    ifname: Optional[str]
+    vendor: Optional[str]
+    device_id: Optional[str]
+    pcie_root: Optional[str]
+    problem: Optional[str]  # None, NO_CARRIER or NO_NETDEV
+
+    @property
+    def healthy(self) -> bool:
+        return self.problem is None
+
+
+def dra_device(d: Device, *, held: bool) -> DraDevice:
+    """`d` as a DRA device. `held`: a prepared claim holds it, so a netdev not in this namespace
+    is in the claim's pod, not missing. A NIC in a pod keeps its last health (as for the
+    device plugin); a spare NIC without its netdev here, or without carrier, has a problem."""
+    problem: Optional[str] = None
+    if not d.visible:
+        if not held:
+            problem = NO_NETDEV
+        elif not d.healthy:
+            problem = NO_CARRIER
+    elif not d.healthy:
+        problem = NO_CARRIER
+    return DraDevice(
+        name=claims.device_name(d.pci_address),
+        pci_address=d.pci_address,
+        pool=d.pool,
+        numa_node=d.numa_node,
+        mac=d.mac,
+        ifname=d.ifname,
+        vendor=d.vendor,
+        device_id=d.device_id,
+        pcie_root=d.pcie_root,
+        problem=problem,
+    )
 
 
 def health_of(
@@ -78,6 +136,12 @@ class Inventory:
     def pool_devices(self, resource_name: str) -> Tuple[Device, ...]:
         with self.cond:
             return tuple(d for _, d in sorted(self._devices.items()) if d.pool == resource_name)
+
+    def devices(self, pools: Iterable[str]) -> Tuple[Device, ...]:
+        """The devices of these pools, sorted by PCI address."""
+        wanted = set(pools)
+        with self.cond:
+            return tuple(d for _, d in sorted(self._devices.items()) if d.pool in wanted)
 
     def owners(self) -> Dict[str, str]:
         """PCI address -> pool, for every advertised device."""
@@ -168,6 +232,15 @@ class Inventory:
                     ifindex=nic.ifindex,
                     visible=nic.visible,
                     admin_up=nic.admin_up,
+                    carrier=nic.carrier,
+                    mac=nic.mac,
+                    vendor=nic.vendor,
+                    device_id=nic.device,
+                    pcie_root=(
+                        old.pcie_root
+                        if old is not None and old.pcie_root is not None
+                        else sysfs.pcie_root(self.sysfs_root, nic.pci_address)
+                    ),
                 )
             changed = self._advertised(new) != self._advertised(self._devices)
             for addr in sorted(set(self._devices) - set(new)):
@@ -218,8 +291,10 @@ class Inventory:
                 # Moving a link to another namespace downs it first: this may be an unhealthy
                 # NIC on its way into a pod, which must keep its state. Its sysfs entry tells.
                 return dev.pci_address
-            if dev.admin_up != admin_up:
-                self._devices[dev.pci_address] = dev = replace(dev, admin_up=admin_up)
+            if dev.admin_up != admin_up or (carrier is not None and dev.carrier != carrier):
+                self._devices[dev.pci_address] = dev = replace(
+                    dev, admin_up=admin_up, carrier=dev.carrier if carrier is None else carrier
+                )
             if healthy == dev.healthy:
                 return None
             log.info(
@@ -237,8 +312,12 @@ class Inventory:
 
     # -- internals -------------------------------------------------------------------------
     @staticmethod
-    def _advertised(devs: Dict[str, Device]) -> Dict[str, Tuple[str, bool, Optional[int]]]:
-        return {a: (d.pool, d.healthy, d.numa_node) for a, d in devs.items()}
+    def _advertised(devs: Dict[str, Device]) -> Dict[str, Tuple[object, ...]]:
+        # What either API shows: pool, health, NUMA node; and the DRA slice's attributes.
+        return {
+            a: (d.pool, d.healthy, d.numa_node, d.visible, d.ifname, d.mac, d.pcie_root)
+            for a, d in devs.items()
+        }
 
     def _changed(self) -> None:
         # Called with self.cond held.

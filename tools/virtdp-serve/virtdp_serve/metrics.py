@@ -1,8 +1,8 @@
 """virtdp-serve's Prometheus metrics (one registry, module-level objects) and their HTTP port.
 
 Docs are generated from `REGISTRY`: every metric here has a name, help text and labels. The same
-port answers `/metrics`, `/healthz` (the process is serving) and `/readyz` (every pool is
-registered with the kubelet).
+port answers `/metrics`, `/healthz` (the process is serving) and `/readyz` (every pool, and the DRA
+driver when on, is registered with the kubelet).
 """
 
 from __future__ import annotations
@@ -101,6 +101,50 @@ PREFERRED_IGNORED_IDS = Counter(
     "Device IDs in GetPreferredAllocation requests that are not devices of the pool (a briefly "
     "stale list at the kubelet) and were left out of the answer instead of failing it, per pool.",
     ["resource"],
+    registry=REGISTRY,
+)
+DRA_REGISTERED = Gauge(
+    "virtdp_dra_registered",
+    "1 while the DRA driver is registered with the kubelet (NotifyRegistrationStatus said so), "
+    "else 0.",
+    registry=REGISTRY,
+)
+DRA_CLAIMS = Gauge(
+    "virtdp_dra_prepared_claims",
+    "ResourceClaims prepared on this node (entries of the node-local claim record).",
+    registry=REGISTRY,
+)
+DRA_CLAIM_RESULTS = Counter(
+    "virtdp_dra_claims",
+    "Claims answered in NodePrepareResources and NodeUnprepareResources calls, by call "
+    "(prepare, unprepare) and result (ok, error).",
+    ["call", "result"],
+    registry=REGISTRY,
+)
+DRA_PREPARE_SECONDS = Histogram(
+    "virtdp_dra_prepare_duration_seconds",
+    "Time to answer a NodePrepareResources call (claims read from the API, checked, recorded).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+    registry=REGISTRY,
+)
+DRA_HEALTH_UPDATES = Counter(
+    "virtdp_dra_health_updates",
+    "Device health lists sent on NodeWatchResources streams (the first list included).",
+    registry=REGISTRY,
+)
+
+DRA_SLICE_WRITES = Counter(
+    "virtdp_dra_slice_writes",
+    "ResourceSlice writes to the API server (DRA), by verb (create, update, delete) and result "
+    "(ok, unreachable, or the HTTP status: 409 is a conflict retried at once).",
+    ["verb", "result"],
+    registry=REGISTRY,
+)
+DRA_CLAIM_STATUS_WRITES = Counter(
+    "virtdp_dra_claim_status_writes",
+    "ResourceClaim status updates (status.devices[].networkData) by result (ok, unreachable, or "
+    "the HTTP status: 409 is a conflict retried at once, 404 a claim that is gone).",
+    ["result"],
     registry=REGISTRY,
 )
 

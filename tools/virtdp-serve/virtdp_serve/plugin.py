@@ -220,7 +220,7 @@ class PoolPlugin:
     def _serve(self) -> None:
         with self._lock:
             self._stop_server()
-            _remove_stale_socket(self.socket_path)
+            remove_stale_socket(self.socket_path)
             server = grpc.server(
                 futures.ThreadPoolExecutor(
                     max_workers=8, thread_name_prefix=f"grpc {self.resource_name}"
@@ -267,7 +267,7 @@ class PoolPlugin:
             log.warning("%s: old server still stopping after %ss", self.resource_name, STOP_WAIT)
         self._server = None
         if self.socket_intact():
-            _unlink(self.socket_path)
+            unlink_quietly(self.socket_path)
         self._inode = None
 
     def stop(self, *, remove_devinfo: bool = True) -> None:
@@ -391,14 +391,14 @@ def file_identity(path: str) -> Optional[Tuple[int, int, int]]:
     return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
-def _unlink(path: str) -> None:
+def unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
 
 
-def _remove_stale_socket(path: str) -> None:
+def remove_stale_socket(path: str) -> None:
     """Remove a leftover socket at `path`; anything else there is an error, not ours to delete."""
     try:
         st = os.lstat(path)
@@ -407,4 +407,4 @@ def _remove_stale_socket(path: str) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise ServeError(f"{path}: exists and is not a socket; refusing to replace it")
     log.info("removing stale socket %s", path)
-    _unlink(path)
+    unlink_quietly(path)

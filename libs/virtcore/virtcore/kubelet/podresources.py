@@ -1,7 +1,8 @@
 """Client of the kubelet's pod-resources API v1 (List, Get, GetAllocatableResources).
 
 Answers are returned as plain frozen dataclasses, one `ContainerDevices` per group the kubelet
-sent (recent kubelets send one per device ID, older ones one per resource and NUMA node).
+sent (recent kubelets send one per device ID, older ones one per resource and NUMA node), and
+per container the DRA claims it uses (`DynamicResource`, one `ClaimResource` per device).
 Every call has a deadline. Failures are split in two, because callers treat them differently:
 `Unavailable` (nothing usable answers on the socket: absent, refusing, hung, not gRPC) and
 `CallFailed` (a gRPC server answered with an error, e.g. the method is not implemented or the
@@ -46,10 +47,31 @@ class ContainerDevices:
 
 
 @dataclass(frozen=True)
+class ClaimResource:
+    """One DRA device of a claim: driver, pool and device name it; its CDI device IDs."""
+
+    driver_name: str
+    pool_name: str
+    device_name: str
+    cdi_devices: Tuple[str, ...] = ()
+    share_id: Optional[str] = None  # consumable capacity: the share of the device
+
+
+@dataclass(frozen=True)
+class DynamicResource:
+    """A ResourceClaim the container uses, with the devices allocated to it."""
+
+    claim_name: str
+    claim_namespace: str
+    claim_resources: Tuple[ClaimResource, ...]
+
+
+@dataclass(frozen=True)
 class ContainerResources:
     name: str
     devices: Tuple[ContainerDevices, ...]
     cpu_ids: Tuple[int, ...] = ()
+    dynamic_resources: Tuple[DynamicResource, ...] = ()  # DRA (Kubernetes 1.27+, GA in 1.36)
 
 
 @dataclass(frozen=True)
@@ -76,12 +98,37 @@ def _devices(msgs) -> Tuple[ContainerDevices, ...]:  # type: ignore[no-untyped-d
     )
 
 
+def _dynamic(msgs) -> Tuple[DynamicResource, ...]:  # type: ignore[no-untyped-def]
+    return tuple(
+        DynamicResource(
+            claim_name=d.claim_name,
+            claim_namespace=d.claim_namespace,
+            claim_resources=tuple(
+                ClaimResource(
+                    driver_name=r.driver_name,
+                    pool_name=r.pool_name,
+                    device_name=r.device_name,
+                    cdi_devices=tuple(c.name for c in r.cdi_devices),
+                    share_id=r.share_id if r.HasField("share_id") else None,
+                )
+                for r in d.claim_resources
+            ),
+        )
+        for d in msgs
+    )
+
+
 def _pod(msg: podresources_pb2.PodResources) -> PodResources:
     return PodResources(
         name=msg.name,
         namespace=msg.namespace,
         containers=tuple(
-            ContainerResources(name=c.name, devices=_devices(c.devices), cpu_ids=tuple(c.cpu_ids))
+            ContainerResources(
+                name=c.name,
+                devices=_devices(c.devices),
+                cpu_ids=tuple(c.cpu_ids),
+                dynamic_resources=_dynamic(c.dynamic_resources),
+            )
             for c in msg.containers
         ),
     )
