@@ -81,7 +81,7 @@ def test_missing_or_wrong_namespace_raises_as_before_and_creates_nothing(tmp_pat
     with pytest.raises(netns.NamespaceNotFound, match="does not exist"):
         with netns.open_ns(missing):
             pass
-    assert not os.path.exists(missing)  # never created (pyroute2's flags=0, kept)
+    assert not os.path.exists(missing)  # never created
     with pytest.raises(netlink.NetlinkReadError, match="does not exist"):
         netlink.snapshot(netns=missing)
     assert not os.path.exists(missing)

@@ -118,8 +118,9 @@ def test_an_address_the_node_routes_with_excludes_its_nic(lab):
 
 
 def test_both_readers_agree(lab):
-    """The stdlib reader (this namespace: virtdp-serve, ehost-device) and pyroute2's (--netns:
-    virtdp-discover, virtdp-inspect) see the same routes and addresses, IPv4 and IPv6."""
+    """Read from inside the namespace (virtdp-serve, ehost-device) and from outside it through a
+    socket made there (--netns: virtdp-discover, virtdp-inspect), the same routes and addresses,
+    IPv4 and IPv6."""
     tree, ns = lab
     ip("addr", "add", "198.51.100.2/24", "dev", "eth1", ns=ns.name)
     ip("-6", "addr", "add", "2001:db8:1::2/64", "dev", "eth1", "nodad", ns=ns.name)

@@ -36,7 +36,7 @@ def test_discovery_serve_and_add_agree(tmp_path, figures):
         lab.start_serve()
         lab.kubelet.wait_health(RES, {plain: "Healthy"}, timeout=20)
 
-        # Discovery, reading the node's namespace from outside it (pyroute2's reader).
+        # Discovery, reading the node's namespace from outside it (a socket made inside it).
         nics = _json(
             tool_command("virtdp-discover")
             + ["--sysfs-root", str(lab.sysfs.root), "--netns", lab.node.path, "-o", "json"]
