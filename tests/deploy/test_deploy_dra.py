@@ -67,7 +67,7 @@ def test_component_files_and_patch_target(deployments: Path) -> None:
     check_pod_spec(spec, "dra DaemonSet")  # volumes, mounts, names as for the base
 
 
-def test_dra_daemonset_args_parse_with_the_real_cli(deployments: Path) -> None:
+def test_dra_daemonset_args_parse_with_the_real_cli(deployments: Path, fake_sysfs: Any) -> None:
     from virtdp_serve import cli
 
     spec, c = serve(deployments)
@@ -75,9 +75,14 @@ def test_dra_daemonset_args_parse_with_the_real_cli(deployments: Path) -> None:
     env = {e["name"]: e for e in c["env"]}
     node = env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert node == "spec.nodeName"  # the downward API: the pod's node
+    # --sysfs-root must name a sysfs tree: the node's /host/sys is not here (the base's mount
+    # test checks that path); parse with a fake tree in its place.
+    args = list(c["args"])
+    assert args[args.index("--sysfs-root") + 1] == "/host/sys"
+    args[args.index("--sysfs-root") + 1] = str(fake_sysfs.root)
     os.environ["NODE_NAME"] = "node-a"
     try:
-        ctx = cmd.make_context("virtdp-serve", list(c["args"]))
+        ctx = cmd.make_context("virtdp-serve", args)
     finally:
         del os.environ["NODE_NAME"]
     assert ctx.params["mode"].value == "dra"
