@@ -226,9 +226,13 @@ def netdev_pci_address(sysfs_root: str, ifname: str) -> Optional[str]:
     one above `virtioN` (or above `net/` for a NIC whose driver binds the PCI function itself).
     """
     path = os.path.join(sysfs_root, "class", "net", ifname)
-    if not os.path.exists(path):
+    try:
+        # The netdev may leave while we look (moved into a pod): realpath's readlink then fails.
+        if not os.path.exists(path):
+            return None
+        real = os.path.realpath(path)
+    except OSError:
         return None
-    real = os.path.realpath(path)
     parts = real.split(os.sep)
     # .../<bdf>/virtioN/net/<ifname> or .../<bdf>/net/<ifname>
     for part in reversed(parts[:-2]):
